@@ -1,0 +1,153 @@
+"""Training helpers of the paper's recipe (section 4.4): SGD with momentum 0.9, weight decay,
+learning rate halved on a plateau or on a schedule, and the unit-norm constraint on every hidden
+weight row/filter after every step.
+
+The projection matters beyond tidiness: NormProp's output does not depend on ``||W_i||``, so the
+gradient is orthogonal to ``W_i`` and, with weight decay, the norm would drift and change the
+effective learning rate. Re-projecting keeps ``||W_i|| = 1`` as an invariant ("this reduces the
+parameter search space") -- and lets serving code skip the norm.
+
+These are conveniences, not a framework: use them inside your own loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
+
+from .layers import NormPropConv2d, NormPropLinear
+
+__all__ = [
+    "project_weights_",
+    "normprop_layers",
+    "paper_optimizer",
+    "halve_lr_on_plateau",
+    "halve_lr_every",
+    "scaled_lr",
+    "StepResult",
+    "train_step",
+]
+
+
+def normprop_layers(model: nn.Module) -> list[NormPropLinear | NormPropConv2d]:
+    """Every NormProp layer of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, (NormPropLinear, NormPropConv2d))]
+
+
+@torch.no_grad()
+def project_weights_(model: nn.Module, eps: float = 1e-12) -> nn.Module:
+    """Rescale every NormProp weight row (Linear) / filter (conv) to unit L2 norm, in place.
+
+    Section 4.4, "Constraints": run after every optimiser step. Returns ``model``.
+    """
+    layers = normprop_layers(model)
+    if not layers:
+        return model
+    weights = [m.weight for m in layers]
+    flat = [w.view(w.shape[0], -1) for w in weights]
+    norms = [f.norm(dim=1, keepdim=True).clamp_min_(eps) for f in flat]
+    torch._foreach_div_(flat, norms)
+    return model
+
+
+def paper_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
+                    weight_decay: float = 5e-4, nesterov: bool = False) -> SGD:
+    """SGD with momentum 0.9 and weight decay 5e-4..5e-3 (section 4.4).
+
+    Weight decay applies to weight matrices only: ``gamma``, ``beta``, PReLU slopes and plain
+    biases are scale/shift parameters that decay would pull towards zero for no benefit (the
+    projection already fixes the weights' scale).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def halve_lr_on_plateau(optimizer: Optimizer, patience: int = 3,
+                        min_lr: float = 0.0) -> ReduceLROnPlateau:
+    """Halve the learning rate "whenever the training error starts saturating" (section 4.4)."""
+    return ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=patience, min_lr=min_lr)
+
+
+def halve_lr_every(optimizer: Optimizer, epochs: int = 10) -> StepLR:
+    """The schedule of section 5: halve the learning rate every ``epochs`` epochs."""
+    return StepLR(optimizer, step_size=epochs, gamma=0.5)
+
+
+def scaled_lr(base_lr: float, batch_size: int, rule: str = "sqrt", base_batch: int = 1) -> float:
+    """Learning rate for ``batch_size`` given one tuned at ``base_batch``.
+
+    The paper found "larger initial learning rate for larger batch size improves performance"
+    (section 4.4; 0.05 at batch 50, 0.08 at 100). ``"sqrt"`` scales by ``sqrt(b / b0)`` (keeps
+    the gradient noise per step similar), ``"linear"`` by ``b / b0``, ``"none"`` not at all.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    ratio = batch_size / base_batch
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown learning-rate scaling rule {rule!r}; known: sqrt, linear, none")
+
+
+@dataclass
+class StepResult:
+    """Outcome of :func:`train_step`.
+
+    Attributes:
+        loss: the batch loss (``nan`` when skipped before it was computed).
+        output: the model's output for the batch, computed *before* the update (so a caller
+            can score test-then-train predictions without a second forward).
+        skipped: ``None``, ``"nonfinite_loss"`` or ``"nonfinite_grad"``.
+    """
+
+    loss: float
+    output: Tensor
+    skipped: str | None = None
+
+
+def _grads(params: Iterable[Tensor]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor,
+               loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+               project: bool = True) -> StepResult:
+    """One SGD step with the paper's constraint; skips (and reports) non-finite steps.
+
+    A step whose loss or gradient is not finite leaves every parameter untouched, so one bad
+    batch cannot poison the weights.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    output = model(x)
+    loss = loss_fn(output, y)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        return StepResult(loss_value, output.detach(), "nonfinite_loss")
+    loss.backward()
+    grads = _grads(model.parameters())
+    if grads:
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if not bool(torch.isfinite(total)):
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_value, output.detach(), "nonfinite_grad")
+    optimizer.step()
+    if project:
+        project_weights_(model)
+    return StepResult(loss_value, output.detach(), None)
