@@ -1,0 +1,1 @@
+"""NormProp Stream: the online-learning service around the `normprop` library."""

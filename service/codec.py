@@ -1,0 +1,204 @@
+"""The stream entry format: what producers XADD and what the worker decodes.
+
+An entry on ``np:{model}:samples`` is a flat Redis hash of fields, writable from any client:
+
+==========  ==================================================================================
+field       value
+==========  ==================================================================================
+``x``       the features as a JSON array of numbers (nested arrays allowed for images; they are
+            flattened in C order), e.g. ``[0.1, 2, -3.5]``
+``xb``      *instead of* ``x``: the features as raw little-endian float32 bytes (4 bytes each)
+``y``       the label: a class index ``0..K-1`` for classification (``3`` or ``"3"``); a number,
+            or a JSON array of ``num_targets`` numbers, for regression
+``id``      optional: the producer's own id for the sample (kept in dead letters)
+==========  ==================================================================================
+
+For example, from the shell::
+
+    redis-cli XADD 'np:{default}:samples' '*' x '[0,0,5,13,9,1,...]' y 3
+
+Anything else is ignored. An entry that fails validation never reaches the model: the worker
+moves it to ``np:{model}:dead`` with one of :data:`REASONS` and a human-readable detail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .settings import ModelConfig
+
+__all__ = ["REASONS", "DecodeError", "Sample", "EntryCodec"]
+
+#: Why an entry was dead-lettered (the ``reason`` label of the dead-letter metric).
+REASONS: tuple[str, ...] = (
+    "oversized",
+    "missing_x",
+    "bad_x",
+    "wrong_length",
+    "nonfinite",
+    "missing_label",
+    "bad_label",
+    "label_out_of_range",
+)
+
+
+class DecodeError(ValueError):
+    """A malformed entry. ``reason`` is one of :data:`REASONS`; ``detail`` explains it."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A validated sample: ``x`` float32 of shape ``(num_features,)``; ``y`` an int class index
+    or a float32 array of ``num_targets`` values."""
+
+    x: np.ndarray
+    y: int | np.ndarray
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+def _field(fields: Mapping[Any, Any], name: str) -> Any:
+    if name in fields:
+        return fields[name]
+    return fields.get(name.encode())
+
+
+class EntryCodec:
+    """Encode and validate stream entries for one model.
+
+    Args:
+        config: the model's configuration (feature count, task, classes/targets).
+        max_entry_bytes: entries larger than this (all fields together) are refused as
+            ``oversized`` before any parsing; default ``1024 + 32 * num_features``.
+    """
+
+    def __init__(self, config: ModelConfig, max_entry_bytes: int | None = None) -> None:
+        self.config = config
+        self.num_features = config.num_features
+        self.classification = config.task == "classification"
+        self.max_entry_bytes = max_entry_bytes or 1024 + 32 * self.num_features
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode(self, x: Sequence[float] | np.ndarray, y: int | float | Sequence[float],
+               binary: bool = True, sample_id: str | None = None) -> dict[str, bytes]:
+        """Fields for XADD. Validates first: a sample that would be dead-lettered raises."""
+        arr = self.validate_x(np.asarray(x, dtype=np.float64))
+        label = self.validate_y(y)
+        fields: dict[str, bytes] = {}
+        if binary:
+            fields["xb"] = arr.astype("<f4").tobytes()
+        else:
+            fields["x"] = json.dumps(arr.tolist()).encode()
+        fields["y"] = (str(label) if isinstance(label, int) else json.dumps(label.tolist())).encode()
+        if sample_id is not None:
+            fields["id"] = sample_id.encode()
+        return fields
+
+    # -- validation -------------------------------------------------------------------------
+    def validate_x(self, arr: np.ndarray) -> np.ndarray:
+        if arr.dtype.kind not in "iuf":
+            raise DecodeError("bad_x", "features must be numbers")
+        arr = arr.reshape(-1)
+        if arr.size != self.num_features:
+            raise DecodeError("wrong_length",
+                              f"expected {self.num_features} features, got {arr.size}")
+        out = arr.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise DecodeError("nonfinite", "features must be finite float32 numbers "
+                                           "(no NaN, Infinity or values beyond 3.4e38)")
+        return out
+
+    def validate_y(self, y: Any) -> int | np.ndarray:
+        if self.classification:
+            if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)):
+                raise DecodeError("bad_label", f"label must be a class index, got {y!r:.40}")
+            if not math.isfinite(float(y)) or float(y) != int(y):
+                raise DecodeError("bad_label", f"label must be an integer class index, got {y!r}")
+            label = int(y)
+            if not 0 <= label < self.config.num_classes:
+                raise DecodeError("label_out_of_range",
+                                  f"label {label} is outside 0..{self.config.num_classes - 1}")
+            return label
+        try:
+            values = np.asarray(y, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise DecodeError("bad_label", f"regression target must be numbers, got {y!r:.40}")
+        if values.size != self.config.num_targets:
+            raise DecodeError("bad_label", f"expected {self.config.num_targets} target values, "
+                                           f"got {values.size}")
+        values32 = values.astype(np.float32)
+        if not np.isfinite(values32).all():
+            raise DecodeError("nonfinite", "regression targets must be finite")
+        return values32
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, fields: Mapping[Any, Any]) -> Sample:
+        """Validate one entry's fields; raises :class:`DecodeError` with a reason."""
+        size = sum(len(k) + len(v) for k, v in fields.items()
+                   if isinstance(k, (bytes, str)) and isinstance(v, (bytes, str)))
+        if size > self.max_entry_bytes:
+            raise DecodeError("oversized", f"entry is {size} bytes; the limit is "
+                                           f"{self.max_entry_bytes}")
+        xb = _field(fields, "xb")
+        xj = _field(fields, "x")
+        if xb is not None:
+            raw = bytes(xb) if not isinstance(xb, str) else xb.encode("latin-1", "replace")
+            if len(raw) != 4 * self.num_features:
+                raise DecodeError("wrong_length", f"xb must be {4 * self.num_features} bytes "
+                                                  f"({self.num_features} float32), got {len(raw)}")
+            x = self.validate_x(np.frombuffer(raw, dtype="<f4"))
+        elif xj is not None:
+            try:
+                parsed = json.loads(_text(xj))
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise DecodeError("bad_x", f"x is not a JSON array: {exc}") from None
+            if not isinstance(parsed, list):
+                raise DecodeError("bad_x", "x must be a JSON array of numbers")
+            try:
+                arr = np.asarray(parsed, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise DecodeError("bad_x", "x must be a (nested) JSON array of numbers") from None
+            if any(isinstance(v, bool) for v in _flat(parsed)):
+                raise DecodeError("bad_x", "x must hold numbers, not booleans")
+            x = self.validate_x(arr)
+        else:
+            raise DecodeError("missing_x", "entry has neither an 'x' nor an 'xb' field")
+
+        yv = _field(fields, "y")
+        if yv is None:
+            raise DecodeError("missing_label", "entry has no 'y' field")
+        try:
+            label_raw = json.loads(_text(yv))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise DecodeError("bad_label", f"label is not a number: {_text_or_repr(yv)!r:.40}") from None
+        return Sample(x, self.validate_y(label_raw))
+
+
+def _flat(value: Any) -> Any:
+    if isinstance(value, list):
+        for v in value:
+            yield from _flat(v)
+    else:
+        yield value
+
+
+def _text_or_repr(value: Any) -> str:
+    try:
+        return _text(value)
+    except UnicodeDecodeError:
+        return repr(value)

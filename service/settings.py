@@ -1,0 +1,137 @@
+"""Configuration: one pydantic-settings class read from the environment (prefix ``NP_``).
+
+Every field name is the environment variable the compose file sets, upper-cased with the
+prefix: ``redis_url`` is ``NP_REDIS_URL``, ``models`` is ``NP_MODELS`` (a JSON list), and so on.
+Models are declared by configuration alone; ``NP_MODELS_FILE`` may point at a JSON file instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ModelConfig", "Settings", "MODEL_NAME_PATTERN"]
+
+#: Model names appear in Redis keys, file names and metric labels.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ModelConfig(BaseModel):
+    """One named model: its data, architecture and training settings.
+
+    Defaults were chosen from measurements at batch size 1 on several real streams (see
+    ``docs/DEFAULTS.md``): SGD with momentum 0.9 at ``lr=0.003`` per sample, scaled by
+    ``sqrt(batch)`` for the batch the worker actually takes.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field("default", pattern=MODEL_NAME_PATTERN)
+    input_shape: list[int] = Field(default_factory=lambda: [64], min_length=1, max_length=3)
+    task: Literal["classification", "regression"] = "classification"
+    num_classes: int = Field(10, ge=2, le=100_000)
+    num_targets: int = Field(1, ge=1, le=10_000)
+    spec: str = "mlp:256,256"
+    activation: str = "relu"
+    data_norm: Literal["batch", "running", "global", "none"] = "batch"
+    half_life: float | None = Field(None, gt=0)
+    clip: float | None = Field(10.0, gt=0)
+    global_mean: list[float] | None = None
+    global_std: list[float] | None = None
+    lr: float = Field(0.003, gt=0)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    max_batch: int = Field(64, ge=1, le=65_536)
+    snapshot_every_steps: int = Field(500, ge=1)
+    snapshot_every_seconds: float = Field(2.0, gt=0)
+    keep_snapshots: int = Field(5, ge=1)
+    seed: int = 0
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_dims(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("input_shape dimensions must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _global_stats(self) -> ModelConfig:
+        if self.data_norm == "global" and (self.global_mean is None or self.global_std is None):
+            raise ValueError("data_norm='global' needs global_mean and global_std")
+        return self
+
+    @property
+    def num_features(self) -> int:
+        """Values per sample (the flattened input size)."""
+        return math.prod(self.input_shape)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes if self.task == "classification" else self.num_targets
+
+
+class Settings(BaseSettings):
+    """Service settings; every field is an ``NP_``-prefixed environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="NP_", env_file=None, extra="ignore")
+
+    # Redis. None: the CLI's `run` starts a private redis-server child and fills this in.
+    redis_url: str | None = None
+    redis_socket_timeout: float = Field(5.0, gt=0)
+    redis_connect_timeout: float = Field(2.0, gt=0)
+    redis_retries: int = Field(5, ge=0)
+
+    # Models.
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
+    models_file: Path | None = None
+
+    # Storage shared by worker and API (a volume in docker compose).
+    data_dir: Path = Path("var")
+
+    # Worker.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)
+    worker_block_ms: int = Field(200, ge=1)
+    consumer_name: str | None = None
+    torch_threads: int | None = Field(None, ge=1)
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    ingest_api_key: SecretStr | None = None
+    admin_api_key: SecretStr | None = None
+    predict_api_key: SecretStr | None = None
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_instances: int = Field(1024, ge=1)
+    max_backlog: int = Field(100_000, ge=1)
+    snapshot_poll_seconds: float = Field(0.2, gt=0)
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _load_models_file(self) -> Settings:
+        if self.models_file is not None:
+            raw = json.loads(Path(self.models_file).read_text())
+            self.models = [ModelConfig.model_validate(m) for m in raw]
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if not self.models:
+            raise ValueError("at least one model must be configured")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        """The configuration of model ``name``; ``KeyError`` if it is not declared."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"

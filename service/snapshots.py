@@ -1,0 +1,228 @@
+"""The snapshot store: versioned, atomic, safetensors-only model checkpoints on a shared volume.
+
+One version is one file, ``{data_dir}/snapshots/{model}/v{version:010d}.safetensors``, holding
+
+* tensors ``model.<state_dict key>`` (weights, gamma, beta, the data-norm running statistics)
+  and ``optim.<param name>.momentum_buffer`` (the worker's optimiser state), and
+* the safetensors header's text metadata ``{"normprop": <JSON>}``: model name, version, the
+  model configuration, created-at time, counters, the last stream ID the version covers, and
+  the stream IDs it trained since the previous version (the exactly-once ledger).
+
+Writing is atomic: the file is written under a temporary name, fsynced, renamed into place,
+and only then is the ``LATEST`` pointer replaced (also by rename). A reader therefore sees a
+whole version or none. Nothing is ever unpickled: safetensors stores raw tensors, metadata is
+JSON.
+
+The same file is the worker's checkpoint (it restores model, optimiser, statistics, counters)
+and the API's snapshot (it loads ``model.*`` only, after validating it against its config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+import normprop
+from normprop import NormPropNet
+
+from .settings import ModelConfig
+
+__all__ = ["Snapshot", "SnapshotError", "SnapshotStore", "build_network", "load_network"]
+
+_FILE = re.compile(r"^v(\d{10})\.safetensors$")
+_META_KEY = "normprop"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that cannot be read or does not match the model's configuration."""
+
+
+@dataclass
+class Snapshot:
+    """One stored version: its tensors and its JSON metadata."""
+
+    version: int
+    tensors: dict[str, Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def model_state(self) -> dict[str, Tensor]:
+        return {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+
+    def optimizer_state(self) -> dict[str, Tensor]:
+        return {k[len("optim."):]: v for k, v in self.tensors.items() if k.startswith("optim.")}
+
+
+def build_network(config: ModelConfig) -> NormPropNet:
+    """The NormProp network a model configuration declares (fresh, deterministic from seed)."""
+    torch.manual_seed(config.seed)
+    net = normprop.build_model(config.spec, config.input_shape, config.num_outputs,
+                               activation=config.activation, data_norm=config.data_norm,
+                               half_life=config.half_life, clip=config.clip)
+    if config.data_norm == "global":
+        assert config.global_mean is not None and config.global_std is not None
+        net.data_norm.set_statistics(torch.tensor(config.global_mean),
+                                     torch.tensor(config.global_std))
+    return net
+
+
+def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
+    """The configuration fields that decide the network's shape and function."""
+    return {k: getattr(config, k) for k in
+            ("name", "input_shape", "task", "num_outputs", "spec", "activation", "data_norm",
+             "half_life", "clip")}
+
+
+def load_network(snapshot: Snapshot, config: ModelConfig) -> NormPropNet:
+    """Build the configured network and load a snapshot into it, validating everything.
+
+    Raises :class:`SnapshotError` if the snapshot belongs to another model or configuration,
+    has missing/extra/mis-shaped tensors, or holds non-finite values.
+    """
+    meta = snapshot.metadata
+    if meta.get("model") != config.name:
+        raise SnapshotError(f"snapshot v{snapshot.version} belongs to model "
+                            f"{meta.get('model')!r}, not {config.name!r}")
+    stored = meta.get("fingerprint")
+    expected = json.loads(json.dumps(config_fingerprint(config)))
+    if stored != expected:
+        raise SnapshotError(f"snapshot v{snapshot.version} was made with another configuration: "
+                            f"{stored} != {expected}")
+    net = build_network(config)
+    state = snapshot.model_state()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SnapshotError(f"snapshot v{snapshot.version} does not fit the model: {exc}") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SnapshotError(f"snapshot v{snapshot.version} has non-finite values in {name}")
+    normprop.project_weights_(net)
+    return net.eval()
+
+
+class SnapshotStore:
+    """Versioned snapshots of one model in a directory (see the module docstring).
+
+    Args:
+        root: the snapshots directory (``Settings.snapshot_dir``).
+        model: the model name (a subdirectory).
+    """
+
+    def __init__(self, root: Path | str, model: str) -> None:
+        self.model = model
+        self.dir = Path(root) / model
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._latest = self.dir / "LATEST"
+
+    def path(self, version: int) -> Path:
+        return self.dir / f"v{version:010d}.safetensors"
+
+    def versions(self) -> list[int]:
+        """Every complete version on disk, ascending."""
+        out = []
+        for p in self.dir.iterdir():
+            m = _FILE.match(p.name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest_version(self) -> int | None:
+        """The newest published version (the ``LATEST`` pointer; a scan if it is missing)."""
+        try:
+            text = self._latest.read_text().strip()
+            return int(text) if text else None
+        except FileNotFoundError:
+            versions = self.versions()
+            return versions[-1] if versions else None
+        except ValueError:
+            versions = self.versions()
+            return versions[-1] if versions else None
+
+    def write(self, version: int, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
+        """Atomically publish ``version``; returns its path."""
+        meta = dict(metadata, model=self.model, version=version,
+                    created_at=metadata.get("created_at", time.time()))
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        target = self.path(version)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(cpu, tmp, metadata={_META_KEY: json.dumps(meta)})
+            _fsync_file(tmp)
+            os.replace(tmp, target)
+            self._write_pointer(version)
+            _fsync_dir(self.dir)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def _write_pointer(self, version: int) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-latest-")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{version}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._latest)
+
+    def read(self, version: int) -> Snapshot:
+        """Read one version; :class:`SnapshotError` if it is missing, truncated or corrupt."""
+        path = self.path(version)
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if header_len <= 0 or header_len > 100_000_000:
+                    raise SnapshotError(f"{path.name}: bad header length")
+                header = json.loads(f.read(header_len))
+            meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "{}"))
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist") from None
+        except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} is unreadable: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("version") != version:
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} has inconsistent metadata")
+        return Snapshot(version, tensors, meta)
+
+    def read_metadata(self, version: int) -> dict[str, Any]:
+        """Only the JSON metadata of a version (reads the header, not the tensors)."""
+        return self.read(version).metadata
+
+    def prune(self, keep: int, protect: set[int] | None = None) -> list[int]:
+        """Delete all but the newest ``keep`` versions (never one in ``protect``)."""
+        versions = self.versions()
+        doomed = [v for v in versions[:-keep] if not (protect and v in protect)] if keep > 0 else []
+        for v in doomed:
+            self.path(v).unlink(missing_ok=True)
+        for stale in self.dir.glob(".tmp-*"):
+            # Left by a crash mid-write; never referenced by LATEST.
+            if time.time() - stale.stat().st_mtime > 60:
+                stale.unlink(missing_ok=True)
+        return doomed
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
