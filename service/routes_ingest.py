@@ -1,0 +1,145 @@
+"""``POST /ingest``: validate a batch of samples with the stream codec, then XADD them all.
+
+All or nothing: every sample is validated before anything is written (a bad one answers 422
+naming its index and reason), and the XADDs go in one MULTI/EXEC pipeline, so a request either
+enters the stream whole or not at all, in one round trip. The stream is never trimmed here
+(DESIGN section 3): past ``max_backlog`` untrained entries ingest answers 429 instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.responses import Response
+
+from . import keys
+from .codec import DecodeError, EntryCodec
+from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
+                            read_json_object, require_key)
+
+router = APIRouter(tags=["ingest"])
+
+#: Retry-After (seconds) when Redis is unreachable or the backlog is full.
+RETRY_AFTER_SECONDS = 1
+
+
+class IngestSample(BaseModel):
+    x: list[Any] = Field(..., description="num_features numbers (nested allowed for images)")
+    y: int | float | list[float] = Field(..., description="class index, or regression target(s)")
+    id: str | None = Field(None, description="your own id for the sample (kept in dead letters)")
+
+
+class IngestRequest(BaseModel):
+    model: str = Field("default", description="a declared model's name")
+    samples: list[IngestSample] = Field(..., description="at most NP_MAX_INSTANCES samples")
+
+
+class IngestResponse(BaseModel):
+    model: str
+    accepted: int
+    ids: list[str] = Field(..., description="the stream entry IDs, in the order sent")
+
+
+def _numbers_only(value: Any) -> bool:
+    """JSON numbers, possibly nested in lists (numpy would silently take "1" or true)."""
+    if isinstance(value, list):
+        return all(_numbers_only(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def encode_sample(codec: EntryCodec, index: int, sample: Any) -> dict[str, bytes]:
+    """XADD fields for one request sample; :class:`ApiError` 422 naming it if it is bad."""
+    def bad(reason: str, detail: str) -> ApiError:
+        return ApiError(422, reason, f"sample {index}: {detail}", index=index)
+
+    if not isinstance(sample, dict):
+        raise bad("bad_request", "a sample must be an object {\"x\": [...], \"y\": ...}")
+    if "x" not in sample:
+        raise bad("missing_x", "the sample has no 'x'")
+    if "y" not in sample:
+        raise bad("missing_label", "the sample has no 'y'")
+    x, y, sample_id = sample["x"], sample["y"], sample.get("id")
+    if not isinstance(x, list) or not _numbers_only(x):
+        raise bad("bad_x", "'x' must be a (nested) list of numbers")
+    if not _numbers_only(y):
+        raise bad("bad_label", "'y' must be a number (a class index) or a list of numbers")
+    if isinstance(y, float) and not math.isfinite(y):
+        raise bad("nonfinite", "'y' must be finite")
+    if sample_id is not None and not isinstance(sample_id, str):
+        raise bad("bad_request", "'id' must be a string")
+    try:
+        return codec.encode(x, y, binary=True, sample_id=sample_id)
+    except DecodeError as exc:
+        raise bad(exc.reason, exc.detail) from None
+    except (ValueError, TypeError):
+        raise bad("bad_x", "'x' must be a rectangular list of numbers") from None
+
+
+@router.post("/ingest", status_code=202, response_model=IngestResponse,
+             summary="Append labelled samples to a model's training stream",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": inline_schema(IngestRequest.model_json_schema())}}}},
+             responses={401: {"description": "ingest API key missing"},
+                        403: {"description": "ingest API key wrong"},
+                        404: {"description": "unknown model"},
+                        422: {"description": "a bad sample (names its index and reason); "
+                                             "nothing was written"},
+                        429: {"description": "backlog full; retry after Retry-After"},
+                        503: {"description": "Redis unavailable; retry after Retry-After"}})
+async def ingest(request: Request) -> Response:
+    """Validate every sample, then XADD them in one atomic pipeline; 202 with the IDs."""
+    state = api_state(request)
+    require_key(request, "ingest")
+    body, _ = await read_json_object(request)
+    slot = find_slot(request, body.get("model"))
+    rejected = state.metrics.ingest_rejected
+    samples = body.get("samples")
+    if not isinstance(samples, list) or not samples:
+        rejected.labels(slot.name, "request").inc()
+        raise ApiError(422, "bad_request", "'samples' must be a non-empty list of "
+                                           "{\"x\": [...], \"y\": ...} objects")
+    n = len(samples)
+    if n > state.settings.max_instances:
+        rejected.labels(slot.name, "request").inc(n)
+        raise ApiError(422, "too_many_samples",
+                       f"{n} samples; at most {state.settings.max_instances} per request")
+    try:
+        entries = [encode_sample(slot.codec, i, s) for i, s in enumerate(samples)]
+    except ApiError as exc:
+        rejected.labels(slot.name, exc.code).inc(n)
+        raise
+    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if state.redis is None or not state.redis_ok:
+        rejected.labels(slot.name, "redis_unavailable").inc(n)
+        raise ApiError(503, "redis_unavailable", "the stream is unavailable (Redis is down); "
+                       "nothing was written, retry later", headers=retry)
+    stream = keys.samples_stream(slot.name)
+    try:
+        backlog = await state.redis.xlen(stream)
+        if backlog + n > state.settings.max_backlog:
+            rejected.labels(slot.name, "backlog").inc(n)
+            raise ApiError(429, "backlog_full", f"{backlog} samples wait for training (limit "
+                           f"{state.settings.max_backlog}); nothing was written, retry later",
+                           headers=retry)
+        async with state.redis.pipeline(transaction=True) as pipe:
+            for fields in entries:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            ids = await pipe.execute()
+    except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+            state.redis_ok = False
+            state.metrics.redis_up.set(0)
+        rejected.labels(slot.name, "redis_unavailable").inc(n)
+        raise ApiError(503, "redis_unavailable", f"the stream is unavailable "
+                       f"({type(exc).__name__}); nothing was written, retry later",
+                       headers=retry) from None
+    state.metrics.ingest_accepted.labels(slot.name).inc(n)
+    return json_response({"model": slot.name, "accepted": n,
+                          "ids": [i.decode() if isinstance(i, bytes) else str(i) for i in ids]},
+                         status=202)

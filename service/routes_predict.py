@@ -1,0 +1,88 @@
+"""``POST /predict``: answers from the version a model serves at the moment the request reads it.
+
+The body is parsed by hand (one ``json.loads`` and one numpy conversion) rather than through a
+pydantic model: per-request overhead is most of a small model's latency (DESIGN section 7).
+The pydantic models below document the contract in OpenAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
+                            read_json_object, require_key)
+from .serving import InstanceError, ModelServer, parse_instances
+
+router = APIRouter(tags=["predict"])
+
+
+class PredictRequest(BaseModel):
+    """Instances to predict; each a list of ``num_features`` numbers (or nested, for images)."""
+
+    model: str = Field("default", description="a declared model's name")
+    instances: list[list[Any]] = Field(..., description="one or more instances, at most "
+                                       "NP_MAX_INSTANCES", examples=[[[0.0] * 4]])
+
+
+class Prediction(BaseModel):
+    label: int | None = Field(None, description="classification: the most probable class")
+    probabilities: list[float] | None = Field(None, description="classification: per class")
+    value: float | None = Field(None, description="regression with one target")
+    values: list[float] | None = Field(None, description="regression with several targets")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int = Field(..., description="the snapshot version that answered every instance")
+    predictions: list[Prediction]
+
+
+@router.post("/predict", response_model=PredictResponse, summary="Predict with a model",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": inline_schema(PredictRequest.model_json_schema())}}}},
+             responses={404: {"description": "unknown model"},
+                        422: {"description": "bad instances (names the instance and reason)"},
+                        503: {"description": "the model has no snapshot yet"}})
+async def predict(request: Request) -> Response:
+    """Class probabilities and label (or regression values) per instance, and the version."""
+    state = api_state(request)
+    require_key(request, "predict")
+    body, raw = await read_json_object(request)
+    slot = find_slot(request, body.get("model"))
+    instances = body.get("instances")
+    if instances is None and "instance" in body:
+        instances = [body["instance"]]
+    if instances is None:
+        raise ApiError(422, "bad_request", "the body needs 'instances': a list of instances")
+    if isinstance(instances, list) and len(instances) > state.settings.max_instances:
+        raise ApiError(422, "too_many_instances", f"{len(instances)} instances; at most "
+                       f"{state.settings.max_instances} per request")
+    try:
+        x = parse_instances(slot.codec, instances, b"true" in raw or b"false" in raw)
+    except InstanceError as exc:
+        extra = {"index": exc.index} if exc.index is not None else {}
+        raise ApiError(422, exc.reason, str(exc), **extra) from None
+    served = slot.current  # read once: this request is answered wholly by this version
+    if served is None:
+        raise ApiError(503, "not_ready", f"model {slot.name!r} has no snapshot yet",
+                       headers={"Retry-After": "1"})
+    n = x.shape[0]
+    if served.runs_inline(n):
+        out = ModelServer.infer(served, x, slot.config)
+    else:
+        out = await anyio.to_thread.run_sync(ModelServer.infer, served, x, slot.config)
+    state.metrics.predictions.labels(slot.name).inc(n)
+    if slot.config.task == "classification":
+        labels = out.argmax(axis=1).tolist()
+        predictions = [{"label": lab, "probabilities": p} for lab, p in zip(labels, out.tolist())]
+    elif slot.config.num_targets == 1:
+        predictions = [{"value": v} for v in out[:, 0].tolist()]
+    else:
+        predictions = [{"values": v} for v in out.tolist()]
+    return json_response({"model": slot.name, "version": served.version,
+                          "predictions": predictions})

@@ -1,0 +1,262 @@
+"""The served models: one immutable :class:`ServedVersion` per model name, swapped atomically.
+
+A request reads ``slot.current`` once and uses only that object, so it is answered wholly by
+one version (DESIGN section 3). A newer snapshot is read, validated (``load_network``) and
+folded (``normprop.fold``) in a worker thread, never on the event loop; only then is the one
+reference replaced. The reference only ever moves to a higher version, so versions never go
+backwards within a process. A snapshot that fails validation is remembered, counted and
+skipped; the old version keeps serving.
+
+Snapshots come from the shared ``data_dir``, not from Redis, so serving survives a Redis outage.
+
+Inline compute or a thread hop? For small models the forward pass (tens of microseconds for the
+digits MLP) is cheaper than handing it to a thread pool (a hop plus GIL hand-offs), so each
+version is timed once at load and a request computes inline when its estimated cost is under
+:data:`INLINE_BUDGET_SECONDS`, in a thread otherwise (large batches, conv nets), so that one big
+request cannot stall the event loop for everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+import torch
+from torch import nn
+
+import normprop
+
+from .api_metrics import ApiMetrics
+from .codec import DecodeError, EntryCodec
+from .settings import ModelConfig, Settings
+from .snapshots import SnapshotError, SnapshotStore, load_network
+
+__all__ = ["INLINE_BUDGET_SECONDS", "ModelSlot", "ModelServer", "ServedVersion",
+           "InstanceError", "parse_instances", "fold_snapshot"]
+
+log = logging.getLogger("normprop.api")
+
+#: A request whose estimated compute is below this runs on the event loop (see module doc).
+INLINE_BUDGET_SECONDS = 0.002
+
+
+class InstanceError(ValueError):
+    """A bad prediction instance: ``index`` (None for the request as a whole) and a reason."""
+
+    def __init__(self, index: int | None, reason: str, detail: str) -> None:
+        where = f"instance {index}: " if index is not None else ""
+        super().__init__(f"{where}{detail}")
+        self.index = index
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One loaded snapshot: the folded net and what the API reports about it. Immutable."""
+
+    model: str
+    version: int
+    net: nn.Module
+    metadata: dict[str, Any]
+    loaded_at: float
+    #: Measured forward cost: ``seconds(n) ~= fixed + per_instance * n``.
+    fixed_seconds: float = 0.0
+    per_instance_seconds: float = 0.0
+
+    def runs_inline(self, n: int) -> bool:
+        """Whether ``n`` instances are cheap enough to compute on the event loop."""
+        return self.fixed_seconds + self.per_instance_seconds * n < INLINE_BUDGET_SECONDS
+
+
+@dataclass
+class ModelSlot:
+    """A declared model: its configuration, store, codec and the version it serves."""
+
+    config: ModelConfig
+    store: SnapshotStore
+    codec: EntryCodec
+    current: ServedVersion | None = None
+    failed: set[int] = field(default_factory=set)
+    last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def _time_forward(net: nn.Module, shape: tuple[int, ...], n: int, repeats: int) -> float:
+    x = torch.zeros((n, *shape))
+    with torch.inference_mode():
+        net(x)  # warm-up: first-call allocations
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fold_snapshot(store: SnapshotStore, config: ModelConfig, version: int) -> ServedVersion:
+    """Read, validate and fold one version; blocking (run it in a thread).
+
+    Raises :class:`SnapshotError` when the snapshot is unreadable, belongs to another
+    configuration, holds non-finite values, or folds into a net whose output is not finite.
+    """
+    snapshot = store.read(version)
+    net = load_network(snapshot, config)
+    folded = normprop.fold(net).eval()
+    folded.requires_grad_(False)
+    shape = tuple(config.input_shape)
+    with torch.inference_mode():
+        probe = folded(torch.zeros((1, *shape)))
+    if probe.shape != (1, config.num_outputs) or not bool(torch.isfinite(probe).all()):
+        raise SnapshotError(f"snapshot v{version} folds into a net with bad output "
+                            f"{tuple(probe.shape)}")
+    t1 = _time_forward(folded, shape, 1, 3)
+    t16 = _time_forward(folded, shape, 16, 2)
+    per = max(0.0, (t16 - t1) / 15)
+    return ServedVersion(config.name, version, folded, dict(snapshot.metadata), time.time(),
+                         fixed_seconds=max(0.0, t1 - per), per_instance_seconds=per)
+
+
+def parse_instances(codec: EntryCodec, instances: Any, raw_has_bool: bool) -> np.ndarray:
+    """Validate a request's instances; returns float32 ``(n, num_features)``.
+
+    A fast path converts the whole list with numpy; only when that fails (or the body held a
+    JSON boolean, which numpy would silently take as 0/1) does a per-instance pass run, to name
+    the first bad instance and why.
+    """
+    if not isinstance(instances, list):
+        raise InstanceError(None, "bad_request", "'instances' must be a list of instances")
+    n = len(instances)
+    if n == 0:
+        raise InstanceError(None, "bad_request", "'instances' is empty")
+    f = codec.num_features
+    if not raw_has_bool:
+        try:
+            arr = np.asarray(instances)
+        except (ValueError, TypeError):
+            arr = None
+        if (arr is not None and arr.dtype.kind in "iuf" and arr.ndim >= 2
+                and arr.shape[0] == n and arr.size == n * f):
+            out = arr.reshape(n, f).astype(np.float32, copy=False)
+            if np.isfinite(out).all():
+                return out
+    # Slow path: say which instance is wrong.
+    if n and not isinstance(instances[0], list):
+        raise InstanceError(None, "bad_request",
+                            "'instances' must be a list of instances (lists of numbers); "
+                            "for one instance send [[...]]")
+    rows = []
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, list):
+            raise InstanceError(i, "bad_x", "an instance must be a list of numbers")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float, list)) for v in _flat(inst)):
+            raise InstanceError(i, "bad_x", "features must be numbers (no strings, booleans "
+                                            "or nulls)")
+        try:
+            arr_i = np.asarray(inst, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise InstanceError(i, "bad_x", "features must be a (nested) rectangular list "
+                                            "of numbers") from None
+        try:
+            rows.append(codec.validate_x(arr_i))
+        except DecodeError as exc:
+            raise InstanceError(i, exc.reason, exc.detail) from None
+    return np.stack(rows)
+
+
+def _flat(value: Any) -> Any:
+    if isinstance(value, list):
+        for v in value:
+            yield from _flat(v)
+    else:
+        yield value
+
+
+class ModelServer:
+    """Every declared model's slot, and the background task that swaps in new snapshots."""
+
+    def __init__(self, settings: Settings, metrics: ApiMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.slots: dict[str, ModelSlot] = {}
+        for cfg in settings.models:
+            self.slots[cfg.name] = ModelSlot(cfg, SnapshotStore(settings.snapshot_dir, cfg.name),
+                                             EntryCodec(cfg))
+        self._poll_lock = asyncio.Lock()
+        metrics.watch_models(self.served)
+
+    def served(self) -> dict[str, ServedVersion | None]:
+        """The version each model serves right now (None before its first snapshot)."""
+        return {name: slot.current for name, slot in self.slots.items()}
+
+    def ready(self) -> bool:
+        """Every declared model has a served version."""
+        return all(slot.current is not None for slot in self.slots.values())
+
+    async def refresh(self, name: str | None = None) -> None:
+        """Poll the snapshot store once (one model or all) and swap in newer versions."""
+        async with self._poll_lock:  # the poller and an admin reload must not race
+            for slot in ([self.slots[name]] if name else list(self.slots.values())):
+                try:
+                    await self._refresh_slot(slot)
+                except Exception:  # noqa: BLE001 - a poll failure must not end serving
+                    log.exception("snapshot poll of model %r failed", slot.name)
+
+    async def _refresh_slot(self, slot: ModelSlot) -> None:
+        latest = await anyio.to_thread.run_sync(slot.store.latest_version)
+        current = slot.current.version if slot.current else 0
+        if latest is None or latest <= current or latest in slot.failed:
+            return
+        candidates = [latest]
+        if slot.current is None:
+            # Not serving yet: fall back to the newest older version that validates.
+            older = await anyio.to_thread.run_sync(slot.store.versions)
+            candidates += [v for v in reversed(older) if v < latest]
+        for version in candidates:
+            if version in slot.failed or version <= current:
+                continue
+            t0 = time.perf_counter()
+            try:
+                served = await anyio.to_thread.run_sync(fold_snapshot, slot.store, slot.config,
+                                                        version)
+            except (SnapshotError, ValueError, RuntimeError, OSError) as exc:
+                slot.failed.add(version)
+                slot.last_error = str(exc)
+                self.metrics.snapshot_load_failures.labels(slot.name).inc()
+                log.warning("model %r: snapshot v%d not served: %s", slot.name, version, exc)
+                continue
+            self.metrics.load_seconds.labels(slot.name).observe(time.perf_counter() - t0)
+            # Only this task assigns, so the check and the swap cannot interleave.
+            if slot.current is None or served.version > slot.current.version:
+                slot.current = served
+                slot.last_error = None
+                self.metrics.snapshot_loads.labels(slot.name).inc()
+                created = served.metadata.get("created_at")
+                if isinstance(created, (int, float)):
+                    self.metrics.swap_seconds.labels(slot.name).observe(
+                        max(0.0, time.time() - float(created)))
+                log.info("model %r now serves snapshot v%d", slot.name, served.version)
+            return
+
+    async def run(self) -> None:
+        """Poll every ``snapshot_poll_seconds`` until cancelled."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.settings.snapshot_poll_seconds)
+
+    @staticmethod
+    def infer(served: ServedVersion, x: np.ndarray, config: ModelConfig) -> np.ndarray:
+        """Outputs for ``x`` (float32 ``(n, features)``): class probabilities or values."""
+        with torch.inference_mode():
+            out = served.net(torch.from_numpy(x).view(-1, *config.input_shape))
+            if config.task == "classification":
+                out = torch.softmax(out, dim=1)
+        return out.numpy()
