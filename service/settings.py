@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     worker_block_ms: int = Field(200, ge=1)
     consumer_name: str | None = None
     torch_threads: int | None = Field(None, ge=1)
+    # Only the holder of a model's lease trains it; it renews every third of the TTL, and
+    # another worker takes over this long after the holder dies.
+    lease_ttl_seconds: float = Field(10.0, gt=0)
 
     # API.
     api_host: str = "127.0.0.1"

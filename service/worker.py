@@ -1,0 +1,662 @@
+"""The training worker: Redis stream in, NormProp SGD steps, checkpoints out.
+
+One :class:`ModelWorker` per configured model, each in its own thread of one process
+(:func:`run_worker`); a model's thread does everything for that model in order -- read, decode,
+train, checkpoint, ack -- so no state is shared between threads except the metrics registry.
+Torch releases the GIL inside its kernels, so two models' steps overlap; for many busy models run
+one worker process per model (the lease below makes any mix of processes safe).
+
+The loop, per model::
+
+    XREADGROUP GROUP trainer <consumer> COUNT max_batch BLOCK worker_block_ms  np:{m}:samples >
+      -> decode each entry (EntryCodec); malformed -> MULTI [XADD np:{m}:dead ..., XACK] EXEC
+      -> one SGD step on the valid ones at lr = scaled_lr(cfg.lr, batch, cfg.lr_scaling)
+         (a trickle gives batch size 1, a backlog max_batch), prequential scoring, ledger += IDs
+      -> every snapshot_every_steps steps or snapshot_every_seconds seconds, if anything new:
+         checkpoint = SnapshotStore.write(v+1, model + momentum + ledger, metadata)
+         then XACK exactly the ledger's IDs (pipelined), then XTRIM MINID below what is covered
+
+Exactly once (DESIGN section 3): an entry is acked only after a checkpoint that contains its
+effect is on disk, so after a crash every trained-but-uncheckpointed entry is still pending and
+is trained again from the restored state, while an entry the restored checkpoint already covers
+(crash between the write and the XACK) is recognised by the checkpoint's ledger, acked and
+skipped. Acks of a written checkpoint are flushed before anything new is read, so only the
+newest checkpoint's ledger can hold unacked IDs. Each checkpoint names its parent version; the
+ledgers along that chain list every ID trained, once.
+
+Restart: restore the newest readable snapshot (a corrupt newest one falls back to the previous),
+claim other consumers' pending entries (XAUTOCLAIM, the previous lease holder's), re-read our
+own pending entries from ID 0, then read new ones. The same recovery runs after a Redis outage
+(a lost reply could have delivered entries we never saw) and whenever a checkpoint finds more
+pending entries than the in-memory ledger explains.
+
+Lease: ``np:{m}:lease`` holds the consumer name of the worker that trains the model
+(``SET NX PX``, renewed every third of its TTL by a compare-and-pexpire script). A worker that
+cannot get it waits; one that loses it drops its in-memory state and, when it gets the lease
+again, restores from the newest snapshot (another worker may have trained meanwhile). A worker
+restarted under the same consumer name takes its own lease over at once.
+
+Run it with ``python -m service.worker`` (settings from ``NP_`` environment variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+import redis
+import torch
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from . import keys
+from .codec import DecodeError, EntryCodec, Sample
+from .settings import ModelConfig, Settings
+from .snapshots import SnapshotError, SnapshotStore
+from .trainer import ModelTrainer, resolve_device
+from .worker_metrics import ModelMetrics, WorkerMetrics
+
+__all__ = ["ModelWorker", "Worker", "run_worker", "connect", "parse_id", "format_id", "main"]
+
+log = logging.getLogger("normprop.worker")
+
+StreamId = tuple[int, int]
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+#: Bounds on what a dead letter copies from the original entry.
+DEAD_FIELD_BYTES = 4096
+DEAD_MAX_FIELDS = 16
+#: The dead-letter stream is a diagnostic, not data: keep about this many (approximate MAXLEN).
+DEAD_STREAM_MAXLEN = 100_000
+_ACK_CHUNK = 10_000
+_METRICS_EVERY = 0.5
+_MAX_BACKOFF = 5.0
+
+# Renew (or take over, for the same consumer name) only if the lease is ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class LeaseLost(RuntimeError):
+    """Another worker holds this model's lease now."""
+
+
+def parse_id(stream_id: bytes | str) -> StreamId:
+    """``b"1700000000000-3"`` -> ``(1700000000000, 3)``."""
+    if isinstance(stream_id, str):
+        stream_id = stream_id.encode()
+    ms, _, seq = stream_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(stream_id: StreamId) -> str:
+    """``(ms, seq)`` -> ``"ms-seq"``, the form Redis returns."""
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client with bounded timeouts and redis-py's retry with exponential backoff.
+
+    Every call gives up after ``redis_retries`` retries (each bounded by the socket timeouts),
+    so the worker never hangs on a dead server; its own loop then backs off and reconnects.
+    """
+    if not settings.redis_url:
+        raise ValueError("NP_REDIS_URL is not set; the worker needs a Redis server")
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.redis_retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+def _bounded_fields(fields: dict[Any, Any]) -> dict[bytes, bytes]:
+    """The original entry's fields, each cut to ``DEAD_FIELD_BYTES`` (dead letters stay small)."""
+    out: dict[bytes, bytes] = {}
+    for i, (k, v) in enumerate(fields.items()):
+        if i >= DEAD_MAX_FIELDS:
+            out[b"truncated_fields"] = str(len(fields) - DEAD_MAX_FIELDS).encode()
+            break
+        kb = k if isinstance(k, bytes) else str(k).encode()
+        vb = v if isinstance(v, bytes) else str(v).encode()
+        out[kb[:256]] = vb[:DEAD_FIELD_BYTES]
+    return out
+
+
+class ModelWorker:
+    """Trains one model from its stream (see the module docstring for the protocol).
+
+    Args:
+        settings: service settings (Redis, device, block time, lease TTL, snapshot dir).
+        config: the model to train.
+        metrics: the process's metrics; this worker updates its ``model`` children.
+        stop: set it to make :meth:`run` checkpoint, ack, release the lease and return.
+        consumer: this worker's consumer name in the group and lease value.
+    """
+
+    def __init__(self, settings: Settings, config: ModelConfig, metrics: WorkerMetrics,
+                 stop: threading.Event, consumer: str) -> None:
+        self.settings = settings
+        self.config = config
+        self.stop = stop
+        self.consumer = consumer
+        self.redis = connect(settings)
+        self.store = SnapshotStore(settings.snapshot_dir, config.name)
+        self.codec = EntryCodec(config)
+        self.device = resolve_device(settings.device)
+        self.stream = keys.samples_stream(config.name)
+        self.dead_stream = keys.dead_letter_stream(config.name)
+        self.lease = keys.lease_key(config.name)
+        self.group = keys.CONSUMER_GROUP
+        self.metrics: ModelMetrics = metrics.for_model(config.name)
+        # Longer than the socket timeout, a BLOCK would read as a dead connection.
+        self.block_ms = max(1, min(settings.worker_block_ms,
+                                   int(settings.redis_socket_timeout * 500)))
+        self.lease_ttl_ms = int(settings.lease_ttl_seconds * 1000)
+        self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
+
+        self.trainer: ModelTrainer | None = None
+        self.version = 0                    # newest version this worker wrote or restored
+        self.restored_version: int | None = None
+        self.high_water: StreamId = (0, 0)  # highest ID processed (trained, skipped, dead)
+        self.ledger: list[bytes] = []       # IDs consumed since the newest checkpoint
+        self.covered: set[bytes] = set()    # the newest checkpoint's ledger
+        self.unacked: list[bytes] = []      # covered by a written checkpoint, ack not confirmed
+        self.needs_recovery = True
+        self.dirty = False                  # anything to checkpoint?
+        self.steps_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint_wall = 0.0
+        self.redis_ok: bool | None = None
+        self._lease_renewed = 0.0
+        self._next_metrics = 0.0
+        self._group_ready = False
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """Train until ``stop`` is set; survives Redis outages and lease changes."""
+        backoff = 0.05
+        self.metrics.lease_held.set(0)
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.run_once()
+                    self._set_redis(True)
+                    backoff = 0.05
+                except _REDIS_DOWN as exc:
+                    self._set_redis(False)
+                    log.warning("%s: Redis unavailable (%s); retrying in %.2fs",
+                                self.config.name, exc, backoff)
+                    # A reply lost in the outage may have delivered entries we never saw.
+                    self.needs_recovery = True
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, _MAX_BACKOFF)
+                except LeaseLost:
+                    log.warning("%s: lost the lease; dropping state until it is ours again",
+                                self.config.name)
+                    self._drop_state()
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        backoff = self._reset_after_error(backoff)
+                        continue
+                    # The stream or group vanished (Redis lost its data): recreate, re-read.
+                    log.warning("%s: consumer group missing; recreating it", self.config.name)
+                    self._group_ready = False
+                    self.needs_recovery = True
+                except Exception:  # noqa: BLE001
+                    backoff = self._reset_after_error(backoff)
+        finally:
+            self._shutdown()
+
+    def _reset_after_error(self, backoff: float) -> float:
+        # Crash-only recovery without dying: back to the newest checkpoint; what it does not
+        # cover is still pending and will be read again.
+        log.exception("%s: unexpected error; restoring the newest checkpoint", self.config.name)
+        self._drop_state()
+        self.stop.wait(backoff)
+        return min(backoff * 2, _MAX_BACKOFF)
+
+
+    def run_once(self) -> None:
+        """One turn of the loop: lease, pending acks, recovery, one read, train, checkpoint."""
+        if self.trainer is None:
+            if not self._acquire_lease():
+                self.stop.wait(min(0.5, self.settings.lease_ttl_seconds / 4))
+                return
+            self._ensure_group()
+            self._load_state()
+        self._renew_lease_if_due()
+        if not self._group_ready:
+            self._ensure_group()
+        self.flush_acks()
+        if self.needs_recovery:
+            self.recover()
+        resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                     count=self.config.max_batch, block=self.block_ms)
+        if resp:
+            self.process(resp[0][1], recovering=False)
+        self._maybe_checkpoint()
+        now = time.monotonic()
+        if now >= self._next_metrics:
+            self._next_metrics = now + _METRICS_EVERY
+            self.update_metrics()
+
+    # -- lease ------------------------------------------------------------------------------
+    def _acquire_lease(self) -> bool:
+        token = self.consumer.encode()
+        got = self.redis.set(self.lease, token, nx=True, px=self.lease_ttl_ms)
+        if not got:
+            got = bool(self._renew(keys=[self.lease], args=[token, self.lease_ttl_ms]))
+        if got:
+            self._lease_renewed = time.monotonic()
+            self.metrics.lease_held.set(1)
+            log.info("%s: lease acquired by %s", self.config.name, self.consumer)
+        return bool(got)
+
+    def _renew_lease_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._lease_renewed < self.settings.lease_ttl_seconds / 3:
+            return
+        if not self._renew(keys=[self.lease], args=[self.consumer.encode(), self.lease_ttl_ms]):
+            # Expired (e.g. a long outage) and maybe taken: only continue if we can retake it.
+            if not self.redis.set(self.lease, self.consumer.encode(), nx=True,
+                                  px=self.lease_ttl_ms):
+                self.metrics.lease_held.set(0)
+                raise LeaseLost(self.config.name)
+        self._lease_renewed = now
+
+    def _drop_state(self) -> None:
+        self.trainer = None
+        self.ledger = []
+        self.unacked = []
+        self.covered = set()
+        self.dirty = False
+        self.needs_recovery = True
+
+    # -- state ------------------------------------------------------------------------------
+    def _ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def _load_state(self) -> None:
+        """Restore the newest readable checkpoint, or start fresh and publish version 1."""
+        versions = self.store.versions()
+        for v in reversed(versions):
+            trainer = ModelTrainer(self.config, self.device)
+            try:
+                snap = self.store.read(v)
+                trainer.restore(snap)
+            except SnapshotError as exc:
+                log.error("%s: cannot restore v%d (%s); trying the previous version",
+                          self.config.name, v, exc)
+                continue
+            self.trainer = trainer
+            self.restored_version = v
+            self.version = versions[-1]  # new versions go above any existing one
+            last = snap.metadata.get("last_stream_id") or "0-0"
+            self.high_water = parse_id(last)
+            ledger = snap.tensors.get("ledger.ids", torch.zeros(0, 2, dtype=torch.int64))
+            self.covered = {f"{ms}-{seq}".encode() for ms, seq in ledger.tolist()}
+            self.last_checkpoint_wall = float(snap.metadata.get("created_at", time.time()))
+            log.info("%s: restored v%d (%d samples trained, last ID %s)", self.config.name, v,
+                     trainer.samples_trained, last)
+            break
+        else:
+            self.trainer = ModelTrainer(self.config, self.device)
+            self.version = versions[-1] if versions else 0
+            self.high_water = (0, 0)
+            self.covered = set()
+            # Publish at once so the API has a model to serve before any sample arrives.
+            self.checkpoint()
+        self.ledger = []
+        self.unacked = []
+        self.dirty = False
+        self.needs_recovery = True
+        self.steps_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        self.metrics.snapshot_version.set(self.version)
+        self.update_metrics()
+
+    # -- reading ----------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Take over every pending entry of the group and process it once.
+
+        Other consumers' entries (a dead previous lease holder's) are claimed first; then our
+        own pending list is read from ID 0. An entry the newest checkpoint covers is acked and
+        skipped; one already in the in-memory ledger is left for the next checkpoint to ack.
+        """
+        start: bytes | str = "0-0"
+        while True:
+            # (redis-py drops the cursor of a JUSTID reply, so the entries come along.)
+            nxt = self.redis.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=0,
+                                        start_id=start, count=max(self.config.max_batch, 100))[0]
+            if nxt in (b"0-0", "0-0"):
+                break
+            start = nxt
+        in_ledger = set(self.ledger)
+        cursor: bytes | str = "0"
+        while True:
+            resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: cursor},
+                                         count=self.config.max_batch)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                break
+            cursor = entries[-1][0]
+            self.process(entries, recovering=True, in_ledger=in_ledger)
+        self._forget_idle_consumers()
+        self.needs_recovery = False
+
+    def _forget_idle_consumers(self) -> None:
+        """Delete other consumers with nothing pending (dead predecessors), keeping XINFO tidy."""
+        for c in self.redis.xinfo_consumers(self.stream, self.group):
+            name = c.get("name")
+            if name in (self.consumer, self.consumer.encode()) or c.get("pending", 0):
+                continue
+            self.redis.xgroup_delconsumer(self.stream, self.group, name)
+
+    def process(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]],
+                recovering: bool, in_ledger: set[bytes] | None = None) -> None:
+        """Decode, dead-letter, skip what is covered, and train the rest as one step."""
+        samples: list[Sample] = []
+        ids: list[bytes] = []
+        dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]] = []
+        ack_now: list[bytes] = []
+        fresh = entries
+        if recovering:
+            fresh = []
+            for eid, fields in entries:
+                if fields is None or eid in self.covered:
+                    ack_now.append(eid)  # trimmed away, or in the checkpoint already
+                elif in_ledger is None or eid not in in_ledger:
+                    fresh.append((eid, fields))
+                    self.high_water = max(self.high_water, parse_id(eid))
+        elif entries:
+            # New entries arrive in ID order; one at or below the high-water mark means Redis
+            # lost its group state (restart from an older AOF) and redelivered what we did.
+            first = parse_id(entries[0][0])
+            if first <= self.high_water:
+                fresh = []
+                for eid, fields in entries:
+                    if parse_id(eid) <= self.high_water:
+                        ack_now.append(eid)
+                    else:
+                        fresh.append((eid, fields))
+            if fresh:
+                self.high_water = max(self.high_water, parse_id(fresh[-1][0]))
+        decode = self.codec.decode
+        for eid, fields in fresh:
+            try:
+                samples.append(decode(fields))  # type: ignore[arg-type]
+                ids.append(eid)
+            except DecodeError as err:
+                dead.append((eid, fields, err))  # type: ignore[arg-type]
+        if ack_now:
+            self.redis.xack(self.stream, self.group, *ack_now)
+        if dead:
+            self._dead_letter(dead)
+        if samples:
+            self._train(samples, ids)
+
+    def _dead_letter(self, dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]]) -> None:
+        """Move malformed entries to the dead-letter stream and ack them, in one transaction."""
+        pipe = self.redis.pipeline(transaction=True)
+        for eid, fields, err in dead:
+            letter = _bounded_fields(fields)
+            letter.update({b"reason": err.reason.encode(), b"detail": err.detail.encode()[:1024],
+                           b"source_id": eid})
+            pipe.xadd(self.dead_stream, letter, maxlen=DEAD_STREAM_MAXLEN, approximate=True)
+        pipe.xack(self.stream, self.group, *[eid for eid, _, _ in dead])
+        pipe.execute()
+        assert self.trainer is not None
+        for _, _, err in dead:
+            self.trainer.dead_letters[err.reason] = self.trainer.dead_letters.get(err.reason, 0) + 1
+            self.metrics.dead_letter(err.reason)
+        self.dirty = True
+
+    def _train(self, samples: list[Sample], ids: list[bytes]) -> None:
+        assert self.trainer is not None
+        result = self.trainer.train_batch(samples)
+        self.ledger.extend(ids)
+        self.dirty = True
+        self.steps_since_checkpoint += 1
+        if result.skipped is not None:
+            self.metrics.skipped(result.skipped)
+            return
+        n = len(samples)
+        self.metrics.samples.inc(n)
+        self.metrics.steps.inc()
+        self.metrics.batch_size.observe(n)
+        self.metrics.loss.set(result.loss)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _maybe_checkpoint(self) -> None:
+        if not self.dirty:
+            return
+        if (self.steps_since_checkpoint >= self.config.snapshot_every_steps
+                or time.monotonic() - self.last_checkpoint >= self.config.snapshot_every_seconds):
+            self.checkpoint()
+
+    def checkpoint(self) -> int:
+        """Write the next version, then ack exactly the IDs it covers and trim below them."""
+        assert self.trainer is not None
+        started = time.perf_counter()
+        ids = self.ledger
+        ledger = torch.tensor([parse_id(i) for i in ids], dtype=torch.int64).reshape(-1, 2)
+        version = max(self.version, self.store.latest_version() or 0) + 1
+        metadata = self.trainer.metadata()
+        metadata.update({
+            "last_stream_id": format_id(self.high_water),
+            "parent_version": self.version or None,
+            "ledger_size": len(ids),
+            "consumer": self.consumer,
+            "stream": self.stream,
+        })
+        tensors = self.trainer.checkpoint_tensors()
+        tensors["ledger.ids"] = ledger
+        self.store.write(version, tensors, metadata)
+        self.version = version
+        self.covered = set(ids)
+        self.unacked.extend(ids)
+        self.ledger = []
+        self.dirty = False
+        self.steps_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint_wall = time.time()
+        self.metrics.snapshot_version.set(version)
+        for s in metadata["layer_stats"]:
+            self.metrics.layer(s["name"], s["mean"], s["std"])
+        try:
+            self.store.prune(self.config.keep_snapshots, protect={version})
+        except OSError as exc:  # a reader may hold a file on some filesystems; try next time
+            log.warning("%s: pruning snapshots failed: %s", self.config.name, exc)
+        try:
+            self.flush_acks()
+        finally:
+            self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        return version
+
+    def flush_acks(self) -> None:
+        """XACK what written checkpoints cover, then XTRIM MINID below everything unfinished."""
+        if not self.unacked:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for i in range(0, len(self.unacked), _ACK_CHUNK):
+            pipe.xack(self.stream, self.group, *self.unacked[i:i + _ACK_CHUNK])
+        pipe.xpending(self.stream, self.group)
+        summary = pipe.execute()[-1]
+        self.unacked = []
+        # Everything at or below the high-water mark is trained and checkpointed, dead-lettered,
+        # or still pending; the smallest pending ID (if any) bounds the trim from below.
+        threshold = (self.high_water[0], self.high_water[1] + 1)
+        pending = int(summary.get("pending", 0) or 0)
+        if pending:
+            threshold = min(threshold, parse_id(summary["min"]))
+        if threshold > (0, 1):
+            self.redis.xtrim(self.stream, minid=format_id(threshold), approximate=False)
+        if pending > len(self.ledger):
+            # Delivered to us but never seen (a reply lost in an outage): read them again.
+            self.needs_recovery = True
+
+    # -- metrics ----------------------------------------------------------------------------
+    def update_metrics(self) -> None:
+        """Refresh the gauges that are not updated per step (cheap; twice a second)."""
+        t = self.trainer
+        if t is None:
+            return
+        pre = t.prequential()
+        if t.classification:
+            self.metrics.accuracy.set(_nan(pre.get("accuracy")))
+            self.metrics.window_accuracy.set(_nan(pre.get("window_accuracy")))
+        else:
+            self.metrics.mae.set(_nan(pre.get("mae")))
+            self.metrics.window_mae.set(_nan(pre.get("window_mae")))
+        self.metrics.samples_per_second.set(t.samples_per_second())
+        if self.last_checkpoint_wall:
+            self.metrics.snapshot_age.set(max(0.0, time.time() - self.last_checkpoint_wall))
+        try:
+            self.metrics.lag.set(self.stream_lag())
+        except _REDIS_DOWN:
+            raise
+        except (ResponseError, KeyError, TypeError, ValueError):
+            pass
+
+    def stream_lag(self) -> int:
+        """Entries not yet trained: undelivered (the group's lag) plus pending-but-untrained."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xinfo_groups(self.stream)
+        pipe.xpending(self.stream, self.group)
+        pipe.xlen(self.stream)
+        groups, summary, length = pipe.execute()
+        group = next(g for g in groups if g.get("name") in (self.group, self.group.encode()))
+        pending = int(summary.get("pending", 0) or 0)
+        undelivered = group.get("lag")
+        if undelivered is None:  # unknown after deletions: everything not pending or trained
+            undelivered = max(0, int(length) - pending)
+        return max(0, int(undelivered) + pending - len(self.ledger) - len(self.unacked))
+
+    def _set_redis(self, ok: bool) -> None:
+        if ok != self.redis_ok:
+            self.redis_ok = ok
+            self.metrics.redis_up.set(1 if ok else 0)
+            if ok:
+                log.info("%s: Redis connection is up", self.config.name)
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """On stop: checkpoint what is new, ack it, and hand the lease back."""
+        if self.trainer is None:
+            return
+        try:
+            if self.dirty:
+                self.checkpoint()
+            self.flush_acks()
+            self._release(keys=[self.lease], args=[self.consumer.encode()])
+            self.metrics.lease_held.set(0)
+        except _REDIS_DOWN as exc:
+            log.warning("%s: Redis unavailable at shutdown (%s); pending entries stay pending "
+                        "and the next worker skips what the checkpoint covers", self.config.name,
+                        exc)
+        except Exception:  # noqa: BLE001 -- shutting down; the checkpoint protocol stays safe
+            log.exception("%s: error during shutdown", self.config.name)
+        finally:
+            try:
+                self.redis.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _nan(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+class Worker:
+    """Every configured model's :class:`ModelWorker`, one thread each, and the metrics server.
+
+    Args:
+        settings: service settings.
+        stop: set it to stop every model's loop (each checkpoints and acks first).
+    """
+
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.metrics = WorkerMetrics()
+        self.consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.models = {cfg.name: ModelWorker(settings, cfg, self.metrics, self.stop, self.consumer)
+                       for cfg in settings.models}
+        self.metrics_port: int | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the metrics server and one thread per model; returns at once."""
+        if self.settings.worker_metrics_port:
+            self.metrics_port = self.metrics.serve(self.settings.worker_metrics_port)
+        for name, mw in self.models.items():
+            t = threading.Thread(target=mw.run, name=f"train-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for every model thread to finish (after ``stop`` is set)."""
+        for t in self._threads:
+            t.join(timeout)
+        self.metrics.shutdown()
+
+    def run(self) -> None:
+        """Start and block until ``stop`` is set and every model has shut down."""
+        self.start()
+        while any(t.is_alive() for t in self._threads) and not self.stop.is_set():
+            self.stop.wait(0.5)
+        self.join()
+
+
+def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
+    """Train every configured model until ``stop`` is set (the CLI's entry point)."""
+    Worker(settings, stop).run()
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    """``python -m service.worker``: settings from the environment; SIGTERM/SIGINT stop it."""
+    logging.basicConfig(level=os.environ.get("NP_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping after the current step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    run_worker(settings, stop)
+
+
+if __name__ == "__main__":
+    main()
