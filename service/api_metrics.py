@@ -81,6 +81,13 @@ def _number(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _total(value: Any) -> float | None:
+    """A count, or the sum of a ``{reason: count}`` mapping."""
+    if isinstance(value, dict):
+        return sum(v for v in (_number(x) for x in value.values()) if v is not None)
+    return _number(value)
+
+
 def _mean(value: Any) -> float | None:
     """A scalar from a number or a list of numbers (per-unit statistics are averaged)."""
     if isinstance(value, list):
@@ -145,7 +152,7 @@ class SnapshotCollector(Collector):
         preq = {key: GaugeMetricFamily(f"normprop_snapshot_prequential_{key}",
                                        f"Prequential (test-then-train) {key.replace('_', ' ')} "
                                        "recorded in the served snapshot.", labels=["model"])
-                for key in ("accuracy", "window_accuracy", "mae", "loss")}
+                for key in ("accuracy", "window_accuracy", "mae", "window_mae", "loss")}
         layer_mean = GaugeMetricFamily("normprop_snapshot_layer_input_mean",
                                        "Mean over units of each hidden layer's standardised input "
                                        "mean (NormProp keeps it near 0).", labels=["model", "layer"])
@@ -162,15 +169,10 @@ class SnapshotCollector(Collector):
             if created is not None:
                 age.add_metric([model], max(0.0, now - created))
             for family, key in ((samples, "samples_trained"), (steps, "steps"),
-                                (skipped, "skipped_steps")):
-                v = _number(meta.get(key))
+                                (skipped, "skipped_steps"), (dead, "dead_letters")):
+                v = _total(meta.get(key))
                 if v is not None:
                     family.add_metric([model], v)
-            dl = meta.get("dead_letters")
-            dl_total = (sum(v for v in (_number(x) for x in dl.values()) if v is not None)
-                        if isinstance(dl, dict) else _number(dl))
-            if dl_total is not None:
-                dead.add_metric([model], dl_total)
             prequential = meta.get("prequential")
             if isinstance(prequential, dict):
                 for key, family in preq.items():

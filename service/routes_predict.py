@@ -59,6 +59,9 @@ async def predict(request: Request) -> Response:
         instances = [body["instance"]]
     if instances is None:
         raise ApiError(422, "bad_request", "the body needs 'instances': a list of instances")
+    if isinstance(instances, list) and instances and not isinstance(instances[0], list):
+        raise ApiError(422, "bad_request", "'instances' must be a list of instances (lists of "
+                       "numbers); for one instance send [[...]] or use 'instance'")
     if isinstance(instances, list) and len(instances) > state.settings.max_instances:
         raise ApiError(422, "too_many_instances", f"{len(instances)} instances; at most "
                        f"{state.settings.max_instances} per request")

@@ -190,6 +190,11 @@ class ModelServer:
         for cfg in settings.models:
             self.slots[cfg.name] = ModelSlot(cfg, SnapshotStore(settings.snapshot_dir, cfg.name),
                                              EntryCodec(cfg))
+        for name in self.slots:
+            # Series exist at 0 from the first scrape (Prometheus convention for counters).
+            for counter in (metrics.predictions, metrics.ingest_accepted,
+                            metrics.snapshot_load_failures, metrics.snapshot_loads):
+                counter.labels(name)
         self._poll_lock = asyncio.Lock()
         metrics.watch_models(self.served)
 
