@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .activations import Activation, activation_stats
 
@@ -38,6 +39,101 @@ def glorot_normal_(weight: Tensor, fan_in: int, fan_out: int) -> Tensor:
 def _row_norms(weight: Tensor) -> Tensor:
     """``||W_i||``: L2 norm of each output row (Linear) or Frobenius norm of each filter (conv)."""
     return weight.flatten(1).norm(dim=1)
+
+
+# -- the training fast path ------------------------------------------------------------------
+#
+# Both functions below compute eq. 9 / 11 exactly for *any* row norms (the norm is taken in
+# every forward, an O(parameters) read); what they save is autograd's long chain of
+# weight-sized temporaries for ``gamma * W / ||W||``. Their backward is the closed form of that
+# chain: with ``n_i = ||W_i||``, ``r_i = n_i + eps``, ``k_i = gamma_i / r_i`` and ``G`` the
+# gradient with respect to the scaled rows ``k_i W_i``,
+#
+#     dL/dW_i     = k_i G_i - (k_i (G_i . W_i) / (r_i n_i)) W_i     (tangent projection; for
+#                                                                   n_i = 1, eps = 0 it is
+#                                                                   G_i - (G_i . w_i) w_i)
+#     dL/dgamma_i = (G_i . W_i) / r_i
+#
+# Tests check both against autograd through the plain formula in float64.
+
+
+class _NormalizedRows(torch.autograd.Function):
+    """``V_i = gamma_i W_i / (||W_i|| + eps)`` (the weight-side pass of eq. 9 / 11)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, gamma: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        flat = weight.flatten(1)
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        r = norms + eps
+        k = gamma / r
+        ctx.save_for_backward(weight, norms, r, k)
+        return weight * k.view((-1,) + (1,) * (weight.dim() - 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        weight, norms, r, k = ctx.saved_tensors
+        flat_w, flat_g = weight.flatten(1), grad.flatten(1)
+        dot = torch.linalg.vecdot(flat_g, flat_w)  # G_i . W_i
+        d_weight = d_gamma = None
+        if ctx.needs_input_grad[0]:
+            coef = dot / (r * norms.clamp_min(torch.finfo(norms.dtype).tiny))
+            d_weight = torch.addcmul(flat_g, flat_w, coef.unsqueeze(1), value=-1.0)
+            d_weight.mul_(k.unsqueeze(1))
+            d_weight = d_weight.view_as(weight)
+        if ctx.needs_input_grad[1]:
+            d_gamma = dot / r
+        return d_weight, d_gamma, None
+
+
+class _NormPropLinearRows(torch.autograd.Function):
+    """``o = clamp_min(inv_c1 (gamma (x W^T) / (||W|| + eps) + beta - c2), floor)``, 2-D ``x``.
+
+    The output-side form of eq. 9 for batches smaller than ``in_features``: the per-unit scale
+    multiplies the ``(N, m)`` product instead of the ``(m, n)`` weight, so no weight-sized tensor
+    is made in the forward, and the backward's tangent term needs ``G_i . W_i``, which is the
+    activation-sized ``sum_b g_bi z_bi``. ``floor = None`` skips the clamp (other activations
+    then run after it, with ``inv_c1 = 1``, ``c2 = 0``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float,  # type: ignore[override]
+                inv_c1: float, c2: float, floor: float | None) -> Tensor:
+        norms = torch.linalg.vector_norm(weight, dim=1)
+        r = norms + eps
+        k = gamma * (inv_c1 / r)
+        z = x.mm(weight.t())  # W_i . x
+        shift = beta if inv_c1 == 1.0 and c2 == 0.0 else (beta - c2) * inv_c1
+        out = torch.addcmul(shift, z, k)
+        if floor is not None:
+            out.clamp_min_(floor)
+        ctx.save_for_backward(x, weight, z, norms, r, k, out)
+        ctx.inv_c1, ctx.floor = inv_c1, floor
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, z, norms, r, k, out = ctx.saved_tensors
+        if ctx.floor is not None:
+            # relu'(p) = 1(p > 0), and p > 0 exactly where the clamp did not bite.
+            grad = torch.ops.aten.threshold_backward(grad, out, ctx.floor)
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        d_x = d_w = d_gamma = d_beta = None
+        gz = grad * k
+        if need_x:
+            d_x = gz.mm(weight)
+        if need_w or need_gamma:
+            s = torch.linalg.vecdot(grad, z, dim=0)  # sum_b g_bi (W_i . x_b)
+            if need_gamma:
+                d_gamma = s * (ctx.inv_c1 / r)
+            if need_w:
+                d_w = gz.t().mm(x)
+                coef = k * s / (r * norms.clamp_min(torch.finfo(norms.dtype).tiny))
+                d_w.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
+        if need_beta:
+            d_beta = grad.sum(0) * ctx.inv_c1
+        return d_x, d_w, d_gamma, d_beta, None, None, None, None
 
 
 class NormPropLayer:
@@ -62,6 +158,13 @@ class NormPropLayer:
         self.gamma_init = float(default_gamma if gamma_init is None else gamma_init)
         self.gamma = nn.Parameter(torch.full((out_features,), self.gamma_init))
         self.beta = nn.Parameter(torch.zeros(out_features))
+        # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1):
+        # the re-standardisation folds into the layer's own scale and bias, and the activation
+        # becomes one clamp -- the op count of a plain Linear + ReLU.
+        self._fused_relu: tuple[float, float, float] | None = None
+        if activation == "relu":
+            stats = activation_stats("relu")
+            self._fused_relu = (1.0 / stats.std, stats.mean, -stats.mean / stats.std)
 
     def weight_scale(self) -> Tensor:
         """``gamma_i / ||W_i||``: the per-unit factor applied to ``W_i . x`` (eq. 9)."""
@@ -74,6 +177,19 @@ class NormPropLayer:
 
     def _activate(self, pre: Tensor) -> Tensor:
         return pre if self.activation is None else self.activation(pre)
+
+    def _scaled_affine(self) -> tuple[Tensor, Tensor]:
+        """``(gamma / c1, (beta - c2) / c1)`` for fused ReLU, else ``(gamma, beta)``."""
+        if self._fused_relu is None:
+            return self.gamma, self.beta
+        inv_c1, c2, _ = self._fused_relu
+        return self.gamma * inv_c1, (self.beta - c2) * inv_c1
+
+    def _finish(self, pre: Tensor) -> Tensor:
+        """The activation and eq. 12's re-standardisation, after :meth:`_scaled_affine`."""
+        if self._fused_relu is not None:
+            return torch.clamp_min(pre, self._fused_relu[2])
+        return self._activate(pre)
 
 
 class NormPropLinear(nn.Linear, NormPropLayer):
@@ -122,9 +238,18 @@ class NormPropLinear(nn.Linear, NormPropLayer):
             self.weight.div_(_row_norms(self.weight).clamp_min(1e-12).unsqueeze(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        # gamma_i (W_i . x)/||W_i|| + beta_i as one matmul with a folded weight and fused bias.
-        pre = F.linear(x, self.effective_weight(), self.beta)
-        return self._activate(pre)
+        rows = x.numel() // max(self.in_features, 1)
+        if x.dim() >= 1 and 0 < rows < self.in_features:
+            # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
+            inv_c1, c2, floor = self._fused_relu or (1.0, 0.0, None)
+            out = _NormPropLinearRows.apply(x.reshape(rows, self.in_features), self.weight,
+                                            self.gamma, self.beta, self.eps, inv_c1, c2, floor)
+            out = out.view(*x.shape[:-1], self.out_features)
+            return out if self._fused_relu is not None else self._activate(out)
+        # gamma_i (W_i . x)/||W_i|| + beta_i as one matmul with a scaled weight and fused bias.
+        gamma, beta = self._scaled_affine()
+        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps), beta)
+        return self._finish(pre)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -183,5 +308,7 @@ class NormPropConv2d(nn.Conv2d, NormPropLayer):
             self.weight.div_(norms.view(-1, 1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self._conv_forward(x, self.effective_weight(), self.beta)
-        return self._activate(pre)
+        # gamma_i (W_i * x)/||W_i||_F + beta_i: the scale goes on the filters, O(parameters).
+        gamma, beta = self._scaled_affine()
+        pre = self._conv_forward(x, _NormalizedRows.apply(self.weight, gamma, self.eps), beta)
+        return self._finish(pre)

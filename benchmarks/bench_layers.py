@@ -1,0 +1,172 @@
+"""Layer benchmark: training-step and inference time of the same nets under four normalisations.
+
+Prints, from one run on the same inputs:
+
+* the median training-step time (zero_grad, forward, cross-entropy, backward, SGD step with
+  momentum 0.9 and weight decay 5e-4, and -- for NormProp only -- the unit-norm projection of
+  section 4.4) of the MLP 784-1024-1024-1024-10 at batch sizes 1, 32, 256 and of the paper's NIN
+  (CIFAR-10 shape, 3x32x32) at batch sizes 1 and 50, under ``none`` (plain), ``batchnorm``,
+  ``layernorm`` and ``normprop``, each also as a ratio to plain;
+* the median inference time of the folded NormProp net against the plain net's layers.
+
+Every variant of one configuration gets the same input batches, and the variants are timed
+round-robin (one step of each in turn) so that noise from other processes on the machine spreads
+over all of them instead of landing on one. All nets use the same data layer (global data
+normalisation, fitted once), so the ratios compare the hidden layers.
+
+Run::
+
+    python benchmarks/bench_layers.py              # full run (a few minutes on 2 CPU cores)
+    python benchmarks/bench_layers.py --quick      # fewer repeats
+    python benchmarks/bench_layers.py --only mlp   # or: nin
+
+BatchNorm cannot take a training step at batch size 1 in PyTorch (``BatchNorm1d`` raises
+``ValueError: Expected more than 1 value per channel when training``); that cell prints ``error``.
+``BatchNorm2d`` at batch 1 does run -- it then normalises each channel over one image's pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from normprop import build_model, fold, paper_optimizer, project_weights_  # noqa: E402
+
+NORMS = ("none", "batchnorm", "layernorm", "normprop")
+MLP_SPEC, MLP_INPUT = "mlp:1024,1024,1024", 784
+
+
+def make_net(spec: str, shape: int | tuple[int, ...], norm: str, data: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_model(spec, shape, 10, norm=norm, data_norm="global")  # type: ignore[arg-type]
+    net.data_norm.fit(data)
+    return net
+
+
+def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = paper_optimizer(net, lr=1e-3)
+    net.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        if norm == "normprop":
+            project_weights_(net)
+
+    return step
+
+
+def round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
+                budget_s: float | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        if budget_s is not None and time.perf_counter() - start > budget_s and len(times[k]) >= 5:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_training(name: str, spec: str, shape: int | tuple[int, ...], batches: list[int],
+                   repeats: dict[int, int], budget_s: float) -> list[tuple]:
+    rows = []
+    full = (shape,) if isinstance(shape, int) else shape
+    data = torch.randn(512, *full)
+    for b in batches:
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, *full, generator=g) * 2.0 + 0.5
+        y = torch.randint(0, 10, (b,), generator=g)
+        fns: dict[str, Callable[[], None]] = {}
+        errors: dict[str, str] = {}
+        for norm in NORMS:
+            net = make_net(spec, shape, norm, data)
+            fn = step_fn(net, norm, x, y)
+            try:
+                fn()
+            except Exception as exc:  # BatchNorm1d at batch size 1
+                errors[norm] = f"{type(exc).__name__}: {exc}"
+                continue
+            fns[norm] = fn
+        med = round_robin(fns, repeats[b], budget_s=budget_s)
+        plain = med["none"]
+        cells = []
+        for norm in NORMS:
+            if norm in med:
+                cells.append(f"{med[norm] * 1e3:9.2f} ms ({med[norm] / plain:4.2f}x)")
+            else:
+                cells.append(f"{'error':>20}")
+        rows.append((name, b, cells))
+        print(f"{name:4s} batch {b:4d} | " + " | ".join(cells), flush=True)
+        for norm, err in errors.items():
+            print(f"    {norm} at batch {b}: {err}", flush=True)
+    return rows
+
+
+def bench_inference(name: str, spec: str, shape: int | tuple[int, ...], batches: list[int],
+                    repeats: int, budget_s: float) -> None:
+    full = (shape,) if isinstance(shape, int) else shape
+    data = torch.randn(512, *full)
+    plain = make_net(spec, shape, "none", data).eval()
+    normprop = make_net(spec, shape, "normprop", data).eval()
+    folded = fold(normprop)
+    for b in batches:
+        x = torch.randn(b, *full, generator=torch.Generator().manual_seed(100 + b))
+        with torch.no_grad():
+            err = (folded(x) - normprop(x)).abs().max().item()
+            fns = {"plain": lambda: plain.layers(x), "folded": lambda: folded(x),
+                   "normprop": lambda: normprop(x)}
+            med = round_robin(fns, repeats, budget_s=budget_s)
+        print(f"{name:4s} batch {b:4d} | plain layers {med['plain'] * 1e3:8.3f} ms | folded "
+              f"{med['folded'] * 1e3:8.3f} ms ({med['folded'] / med['plain']:4.2f}x) | unfolded "
+              f"normprop {med['normprop'] * 1e3:8.3f} ms ({med['normprop'] / med['plain']:4.2f}x)"
+              f" | max |folded - normprop| {err:.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--only", choices=("mlp", "nin"), default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    q = 0.3 if args.quick else 1.0
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads")
+    print("training step: median time per step (ratio to plain)")
+    print(f"{'':15s} | " + " | ".join(f"{n:>20s}" for n in NORMS))
+    if args.only in (None, "mlp"):
+        bench_training("MLP", MLP_SPEC, MLP_INPUT, [1, 32, 256],
+                       {1: int(400 * q), 32: int(100 * q), 256: int(40 * q)}, budget_s=60 * q)
+    if args.only in (None, "nin"):
+        bench_training("NIN", "nin-cifar", (3, 32, 32), [1, 50], {1: int(60 * q), 50: int(12 * q)},
+                       budget_s=90 * q)
+    print("inference (eval, no_grad): folded NormProp vs the plain net's layers")
+    if args.only in (None, "mlp"):
+        bench_inference("MLP", MLP_SPEC, MLP_INPUT, [1, 32, 256], int(200 * q), budget_s=30 * q)
+    if args.only in (None, "nin"):
+        bench_inference("NIN", "nin-cifar", (3, 32, 32), [1, 50], int(30 * q), budget_s=40 * q)
+
+
+if __name__ == "__main__":
+    main()
