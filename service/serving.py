@@ -242,7 +242,8 @@ class ModelServer:
             # Only this task assigns, so the check and the swap cannot interleave.
             if slot.current is None or served.version > slot.current.version:
                 slot.current = served
-                slot.last_error = None
+                if not any(v > served.version for v in slot.failed):
+                    slot.last_error = None
                 self.metrics.snapshot_loads.labels(slot.name).inc()
                 created = served.metadata.get("created_at")
                 if isinstance(created, (int, float)):
