@@ -168,8 +168,10 @@ def _cached_stats(name: str, params: tuple[tuple[str, float], ...]) -> Activatio
         std = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))
         return ActivationStats(1.0 / _SQRT_2PI, std, math.sqrt(0.5) / std)
     if name in ("prelu", "leaky_relu"):
-        a = float(kwargs.get("a", kwargs.get("negative_slope", 0.25 if name == "prelu" else 0.01)))
-        mean, std = prelu_mean_std(a)
+        # The same parameter (and default) as activation_function uses for this name.
+        a = float(kwargs.get("a", 0.25) if name == "prelu" else kwargs.get("negative_slope", 0.01))
+        # float64: torch.as_tensor(float) would round the cached constants to float32.
+        mean, std = prelu_mean_std(torch.tensor(a, dtype=torch.float64))
         # E[s'(Z)^2] = (1 + a^2) / 2.
         jac = math.sqrt(0.5 * (1.0 + a * a)) / float(std)
         return ActivationStats(float(mean), float(std), jac)
