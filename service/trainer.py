@@ -242,8 +242,10 @@ class ModelTrainer:
 
         Raises :class:`~service.snapshots.SnapshotError` if it does not fit this model.
         """
-        loaded = load_network(snapshot, self.config)  # validates fingerprint, shapes, finiteness
-        self.model.load_state_dict(loaded.state_dict(), strict=True)
+        load_network(snapshot, self.config)  # validates fingerprint, shapes, finiteness
+        # The stored tensors themselves, not load_network's re-projected copy: rows are unit
+        # norm already, and re-projecting would change the last bits (restore must be exact).
+        self.model.load_state_dict(snapshot.model_state(), strict=True)
         self.model.train()
         params = dict(self.model.named_parameters())
         momentum = snapshot.optimizer_state()

@@ -41,6 +41,7 @@ Run it with ``python -m service.worker`` (settings from ``NP_`` environment vari
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -61,7 +62,7 @@ from redis.retry import Retry
 from . import keys
 from .codec import DecodeError, EntryCodec, Sample
 from .settings import ModelConfig, Settings
-from .snapshots import SnapshotError, SnapshotStore
+from .snapshots import Snapshot, SnapshotError, SnapshotStore
 from .trainer import ModelTrainer, resolve_device
 from .worker_metrics import ModelMetrics, WorkerMetrics
 
@@ -77,6 +78,8 @@ DEAD_MAX_FIELDS = 16
 #: The dead-letter stream is a diagnostic, not data: keep about this many (approximate MAXLEN).
 DEAD_STREAM_MAXLEN = 100_000
 _ACK_CHUNK = 10_000
+#: At most this many checkpoints' ledgers are remembered for skipping redelivered entries.
+COVERED_CHECKPOINTS = 16
 _METRICS_EVERY = 0.5
 _MAX_BACKOFF = 5.0
 
@@ -181,7 +184,10 @@ class ModelWorker:
         self.restored_version: int | None = None
         self.high_water: StreamId = (0, 0)  # highest ID processed (trained, skipped, dead)
         self.ledger: list[bytes] = []       # IDs consumed since the newest checkpoint
-        self.covered: set[bytes] = set()    # the newest checkpoint's ledger
+        # Ledgers of the newest checkpoints: a pending entry in one of them is trained already
+        # (crash between write and XACK, or acks lost when Redis restarted from an older AOF).
+        self.covered: collections.deque[set[bytes]] = collections.deque(
+            maxlen=min(max(2, config.keep_snapshots), COVERED_CHECKPOINTS))
         self.unacked: list[bytes] = []      # covered by a written checkpoint, ack not confirmed
         self.needs_recovery = True
         self.dirty = False                  # anything to checkpoint?
@@ -290,7 +296,7 @@ class ModelWorker:
         self.trainer = None
         self.ledger = []
         self.unacked = []
-        self.covered = set()
+        self.covered.clear()
         self.dirty = False
         self.needs_recovery = True
 
@@ -320,8 +326,15 @@ class ModelWorker:
             self.version = versions[-1]  # new versions go above any existing one
             last = snap.metadata.get("last_stream_id") or "0-0"
             self.high_water = parse_id(last)
-            ledger = snap.tensors.get("ledger.ids", torch.zeros(0, 2, dtype=torch.int64))
-            self.covered = {f"{ms}-{seq}".encode() for ms, seq in ledger.tolist()}
+            self.covered.clear()
+            for older in versions[-self.covered.maxlen:]:  # type: ignore[index]
+                if older == v:
+                    self.covered.append(_ledger_ids(snap))
+                elif older < v:
+                    try:
+                        self.covered.append(_ledger_ids(self.store.read(older)))
+                    except SnapshotError:
+                        pass
             self.last_checkpoint_wall = float(snap.metadata.get("created_at", time.time()))
             log.info("%s: restored v%d (%d samples trained, last ID %s)", self.config.name, v,
                      trainer.samples_trained, last)
@@ -330,7 +343,7 @@ class ModelWorker:
             self.trainer = ModelTrainer(self.config, self.device)
             self.version = versions[-1] if versions else 0
             self.high_water = (0, 0)
-            self.covered = set()
+            self.covered.clear()
             # Publish at once so the API has a model to serve before any sample arrives.
             self.checkpoint()
         self.ledger = []
@@ -371,6 +384,9 @@ class ModelWorker:
         self._forget_idle_consumers()
         self.needs_recovery = False
 
+    def _is_covered(self, eid: bytes) -> bool:
+        return any(eid in ledger for ledger in self.covered)
+
     def _forget_idle_consumers(self) -> None:
         """Delete other consumers with nothing pending (dead predecessors), keeping XINFO tidy."""
         for c in self.redis.xinfo_consumers(self.stream, self.group):
@@ -390,7 +406,7 @@ class ModelWorker:
         if recovering:
             fresh = []
             for eid, fields in entries:
-                if fields is None or eid in self.covered:
+                if fields is None or self._is_covered(eid):
                     ack_now.append(eid)  # trimmed away, or in the checkpoint already
                 elif in_ledger is None or eid not in in_ledger:
                     fresh.append((eid, fields))
@@ -480,7 +496,7 @@ class ModelWorker:
         tensors["ledger.ids"] = ledger
         self.store.write(version, tensors, metadata)
         self.version = version
-        self.covered = set(ids)
+        self.covered.append(set(ids))
         self.unacked.extend(ids)
         self.ledger = []
         self.dirty = False
@@ -588,6 +604,12 @@ class ModelWorker:
                 self.redis.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _ledger_ids(snapshot: Snapshot) -> set[bytes]:
+    """The stream IDs a checkpoint's ledger lists, in Redis' ``b"ms-seq"`` form."""
+    ledger = snapshot.tensors.get("ledger.ids", torch.zeros(0, 2, dtype=torch.int64))
+    return {f"{ms}-{seq}".encode() for ms, seq in ledger.tolist()}
 
 
 def _nan(v: float | None) -> float:
