@@ -231,6 +231,9 @@ class Activation(nn.Module):
             self._fn: Callable[[Tensor], Tensor] | None = None
         else:
             stats = activation_stats(name, **params)
+            # Python floats drive the arithmetic: a float32 buffer would round the constants
+            # for good, even after ``.double()``. The buffers mirror them (device, old readers).
+            self._c2, self._inv_c1 = stats.mean, 1.0 / stats.std
             self.register_buffer("c2", torch.tensor(stats.mean), persistent=False)
             self.register_buffer("inv_c1", torch.tensor(1.0 / stats.std), persistent=False)
             self._fn = activation_function(name, **params)
@@ -239,7 +242,9 @@ class Activation(nn.Module):
         """Current ``(c2, c1)``; tensors broadcastable over the channel dimension."""
         if self.name == "prelu":
             return prelu_mean_std(self.a)
-        return self.c2, 1.0 / self.inv_c1
+        device = self.c2.device
+        return (torch.tensor(self._c2, dtype=torch.float64, device=device),
+                torch.tensor(1.0 / self._inv_c1, dtype=torch.float64, device=device))
 
     def raw(self, x: Tensor) -> Tensor:
         """``s(x)`` without the re-standardisation (used when folding into the next layer)."""
@@ -258,8 +263,8 @@ class Activation(nn.Module):
         if self.name == "identity":
             return x
         assert self._fn is not None
-        # (s(x) - c2) / c1 in one fused op where torch has one.
-        return torch.addcmul(-self.c2 * self.inv_c1, self._fn(x), self.inv_c1)
+        # Eq. 12: (s(x) - c2) / c1.
+        return (self._fn(x) - self._c2) * self._inv_c1
 
     def extra_repr(self) -> str:
         return f"{self.name!r}" + "".join(f", {k}={v}" for k, v in self.params.items())
