@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -174,6 +175,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("NP_REDIS_URL is not set; using %s", DEFAULT_REDIS_URL)
     state.redis = _redis_client(settings)
     await state.server.refresh()  # serve the newest valid snapshot from the first request
+    # Long-lived startup objects (torch, pydantic, routes) leave the GC's generations: fewer
+    # and shorter collection pauses in the p99 latency.
+    gc.collect()
+    gc.freeze()
     state.tasks = [asyncio.create_task(state.server.run(), name="snapshot-poller"),
                    asyncio.create_task(_watch_redis(state), name="redis-ping")]
     try:

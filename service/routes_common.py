@@ -52,10 +52,33 @@ class ApiState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+try:  # optional: parses and writes JSON ~5x faster than the standard library
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
+
+def dumps(body: Any) -> bytes:
+    if _orjson is not None:
+        return _orjson.dumps(body)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def loads(raw: bytes) -> Any:
+    """Parse JSON; the standard library's parser is the fallback and the error reporter
+    (it also reads ``NaN``/``Infinity``, so those get the clearer 422 "nonfinite")."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(raw)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response without FastAPI's response-model pass (the hot paths build plain dicts)."""
-    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
-                    status_code=status, headers=headers, media_type="application/json")
+    return Response(dumps(body), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def error_response(status: int, code: str, message: str,
@@ -74,7 +97,7 @@ async def read_json_object(request: Request) -> tuple[dict[str, Any], bytes]:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

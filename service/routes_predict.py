@@ -75,7 +75,7 @@ async def predict(request: Request) -> Response:
         raise ApiError(503, "not_ready", f"model {slot.name!r} has no snapshot yet",
                        headers={"Retry-After": "1"})
     n = x.shape[0]
-    if served.runs_inline(n):
+    if served.runs_inline(n, state.settings.predict_inline_budget_seconds):
         out = ModelServer.infer(served, x, slot.config)
     else:
         out = await anyio.to_thread.run_sync(ModelServer.infer, served, x, slot.config)

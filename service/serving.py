@@ -12,24 +12,27 @@ Snapshots come from the shared ``data_dir``, not from Redis, so serving survives
 Inline compute or a thread hop? For small models the forward pass (tens of microseconds for the
 digits MLP) is cheaper than handing it to a thread pool (a hop plus GIL hand-offs), so each
 version is timed once at load and a request computes inline when its estimated cost is under
-:data:`INLINE_BUDGET_SECONDS`, in a thread otherwise (large batches, conv nets), so that one big
+:data:`INLINE_BUDGET_SECONDS` (``NP_PREDICT_INLINE_BUDGET_SECONDS``), in a thread otherwise (large batches, conv nets), so that one big
 request cannot stall the event loop for everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import anyio.to_thread
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import normprop
+from normprop.fold import Affine, FixedActivation
 
 from .api_metrics import ApiMetrics
 from .codec import DecodeError, EntryCodec
@@ -41,7 +44,8 @@ __all__ = ["INLINE_BUDGET_SECONDS", "ModelSlot", "ModelServer", "ServedVersion",
 
 log = logging.getLogger("normprop.api")
 
-#: A request whose estimated compute is below this runs on the event loop (see module doc).
+#: Default of ``Settings.predict_inline_budget_seconds``: a request whose estimated compute is
+#: below this runs on the event loop (see the module doc).
 INLINE_BUDGET_SECONDS = 0.002
 
 
@@ -62,16 +66,17 @@ class ServedVersion:
 
     model: str
     version: int
-    net: nn.Module
+    #: The folded net (or its flat op list, same function): inputs ``(n, *input_shape)``.
+    net: Callable[[torch.Tensor], torch.Tensor]
     metadata: dict[str, Any]
     loaded_at: float
     #: Measured forward cost: ``seconds(n) ~= fixed + per_instance * n``.
     fixed_seconds: float = 0.0
     per_instance_seconds: float = 0.0
 
-    def runs_inline(self, n: int) -> bool:
-        """Whether ``n`` instances are cheap enough to compute on the event loop."""
-        return self.fixed_seconds + self.per_instance_seconds * n < INLINE_BUDGET_SECONDS
+    def runs_inline(self, n: int, budget: float = INLINE_BUDGET_SECONDS) -> bool:
+        """Whether ``n`` instances are cheap enough (under ``budget`` seconds) for the loop."""
+        return self.fixed_seconds + self.per_instance_seconds * n < budget
 
 
 @dataclass
@@ -90,7 +95,7 @@ class ModelSlot:
         return self.config.name
 
 
-def _time_forward(net: nn.Module, shape: tuple[int, ...], n: int, repeats: int) -> float:
+def _time_forward(net: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], n: int, repeats: int) -> float:
     x = torch.zeros((n, *shape))
     with torch.inference_mode():
         net(x)  # warm-up: first-call allocations
@@ -100,6 +105,41 @@ def _time_forward(net: nn.Module, shape: tuple[int, ...], n: int, repeats: int) 
             net(x)
             best = min(best, time.perf_counter() - t0)
     return best
+
+
+def flat_forward(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The folded MLP as a list of tensor ops, without ``nn.Module.__call__`` per layer.
+
+    At one instance per request the digits MLP's six module calls cost more in Python dispatch
+    than in arithmetic (DESIGN section 7); calling the ops directly halves its forward. Returns
+    None for anything but ``Affine``/``Linear``/activation chains (conv nets use the modules).
+    """
+    if not isinstance(net, nn.Sequential):
+        return None
+    ops: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    for m in net:
+        if type(m) is nn.Linear:
+            ops.append(functools.partial(F.linear, weight=m.weight, bias=m.bias))
+        elif type(m) is nn.ReLU:
+            ops.append(torch.relu)
+        elif type(m) is FixedActivation:
+            ops.append(m.fn)
+        elif type(m) is Affine:
+            scale, shift, clip = m.scale.view(1, -1), m.shift.view(1, -1), m.clip
+            if clip is None:
+                ops.append(lambda t, a=scale, b=shift: torch.addcmul(b, t, a))
+            else:
+                ops.append(lambda t, a=scale, b=shift, c=float(clip):
+                           torch.addcmul(b, t, a).clamp_(-c, c))
+        else:
+            return None
+
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        for op in ops:
+            t = op(t)
+        return t
+
+    return forward
 
 
 def fold_snapshot(store: SnapshotStore, config: ModelConfig, version: int) -> ServedVersion:
@@ -118,10 +158,18 @@ def fold_snapshot(store: SnapshotStore, config: ModelConfig, version: int) -> Se
     if probe.shape != (1, config.num_outputs) or not bool(torch.isfinite(probe).all()):
         raise SnapshotError(f"snapshot v{version} folds into a net with bad output "
                             f"{tuple(probe.shape)}")
-    t1 = _time_forward(folded, shape, 1, 3)
-    t16 = _time_forward(folded, shape, 16, 2)
+    forward: Callable[[torch.Tensor], torch.Tensor] = folded
+    if len(shape) == 1:
+        fast = flat_forward(folded)
+        if fast is not None:
+            x = torch.randn(4, *shape) * 3
+            with torch.inference_mode():
+                if torch.allclose(fast(x), folded(x), atol=1e-6, rtol=1e-5):
+                    forward = fast
+    t1 = _time_forward(forward, shape, 1, 3)
+    t16 = _time_forward(forward, shape, 16, 2)
     per = max(0.0, (t16 - t1) / 15)
-    return ServedVersion(config.name, version, folded, dict(snapshot.metadata), time.time(),
+    return ServedVersion(config.name, version, forward, dict(snapshot.metadata), time.time(),
                          fixed_seconds=max(0.0, t1 - per), per_instance_seconds=per)
 
 
@@ -212,6 +260,10 @@ class ModelServer:
             for slot in ([self.slots[name]] if name else list(self.slots.values())):
                 try:
                     await self._refresh_slot(slot)
+                except OSError as exc:  # the volume went away: keep serving, say so once
+                    if slot.last_error != str(exc):
+                        slot.last_error = str(exc)
+                        log.warning("model %r: cannot poll snapshots: %s", slot.name, exc)
                 except Exception:  # noqa: BLE001 - a poll failure must not end serving
                     log.exception("snapshot poll of model %r failed", slot.name)
 

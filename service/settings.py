@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     max_instances: int = Field(1024, ge=1)
     max_backlog: int = Field(100_000, ge=1)
     snapshot_poll_seconds: float = Field(0.2, gt=0)
+    #: A prediction whose measured compute is below this runs on the event loop, above it in a
+    #: thread (0: always a thread). See ``service/serving.py`` and docs/SERVICE.md.
+    predict_inline_budget_seconds: float = Field(0.002, ge=0)
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
