@@ -51,9 +51,11 @@ class FoldedConv2d(nn.Conv2d):
     """A plain convolution plus a fixed ``(C_out, H_out, W_out)`` bias map (see module doc)."""
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias_map: Tensor) -> None:
+        # The folded weight's dtype from the start: copying float64 values into a float32
+        # parameter would round them for good.
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, conv.groups, bias=False,
-                         padding_mode=conv.padding_mode)
+                         padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.weight.copy_(weight)
         self.register_buffer("bias_map", bias_map.clone())
@@ -81,7 +83,7 @@ def _plain_activation(act: Activation) -> nn.Module:
     if act.name == "relu":
         return nn.ReLU()
     if act.name == "prelu":
-        m = nn.PReLU(num_parameters=act.a.numel())
+        m = nn.PReLU(num_parameters=act.a.numel(), device=act.a.device, dtype=act.a.dtype)
         with torch.no_grad():
             m.weight.copy_(act.a.detach())
         return m
