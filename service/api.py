@@ -151,6 +151,7 @@ def _redis_client(settings: Settings) -> Redis:
 async def _watch_redis(state: ApiState) -> None:
     """Ping Redis every second; the gauge and ``redis_ok`` follow (recovery is automatic)."""
     assert state.redis is not None
+    previous: bool | None = None
     while True:
         try:
             await asyncio.wait_for(state.redis.ping(),
@@ -158,8 +159,9 @@ async def _watch_redis(state: ApiState) -> None:
             ok = True
         except Exception:  # noqa: BLE001 - any failure means "down" for this ping
             ok = False
-        if ok != state.redis_ok:
+        if ok != previous and (previous is not None or not ok):
             log.warning("Redis is %s", "reachable again" if ok else "unreachable")
+        previous = ok
         state.redis_ok = ok
         state.metrics.redis_up.set(1 if ok else 0)
         await asyncio.sleep(REDIS_PING_SECONDS)
