@@ -112,6 +112,8 @@ def parse_spec(spec: str) -> list[int] | list[LayerSpec]:
             widths.append(int(tok))
             pos += len(tok) + 1
         return widths
+    if not compact:
+        raise _spec_error(compact, 0, 0, "empty model spec")
     layers: list[LayerSpec] = []
     pos = 0
     for tok in compact.split("-"):
