@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["samples_stream", "dead_letter_stream", "lease_key", "CONSUMER_GROUP"]
+__all__ = ["samples_stream", "dead_letter_stream", "dead_letter_counts", "lease_key",
+           "CONSUMER_GROUP"]
 
 #: The consumer group the model's trainer reads with (XREADGROUP); one group per model stream.
 CONSUMER_GROUP = "trainer"
@@ -16,6 +17,11 @@ def samples_stream(model: str) -> str:
 def dead_letter_stream(model: str) -> str:
     """Malformed entries with their reason: ``np:{model}:dead``."""
     return f"np:{{{model}}}:dead"
+
+
+def dead_letter_counts(model: str) -> str:
+    """Dead letters so far, by reason (a hash), updated in the same transaction as the XADD."""
+    return f"np:{{{model}}}:dead:counts"
 
 
 def lease_key(model: str) -> str:

@@ -169,6 +169,7 @@ class ModelWorker:
         self.device = resolve_device(settings.device)
         self.stream = keys.samples_stream(config.name)
         self.dead_stream = keys.dead_letter_stream(config.name)
+        self.dead_counts = keys.dead_letter_counts(config.name)
         self.lease = keys.lease_key(config.name)
         self.group = keys.CONSUMER_GROUP
         self.metrics: ModelMetrics = metrics.for_model(config.name)
@@ -198,12 +199,17 @@ class ModelWorker:
         self._lease_renewed = 0.0
         self._next_metrics = 0.0
         self._group_ready = False
+        self._spare: ModelTrainer | None = None
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Train until ``stop`` is set; survives Redis outages and lease changes."""
         backoff = 0.05
         self.metrics.lease_held.set(0)
+        # Build the network before competing for the lease: it validates the configuration
+        # early, and the first torch.optim construction imports torch._dynamo (seconds on a
+        # busy CPU) -- a standby worker should take over warm.
+        self._spare = ModelTrainer(self.config, self.device)
         try:
             while not self.stop.is_set():
                 try:
@@ -313,7 +319,7 @@ class ModelWorker:
         """Restore the newest readable checkpoint, or start fresh and publish version 1."""
         versions = self.store.versions()
         for v in reversed(versions):
-            trainer = ModelTrainer(self.config, self.device)
+            trainer = self._new_trainer()
             try:
                 snap = self.store.read(v)
                 trainer.restore(snap)
@@ -340,12 +346,15 @@ class ModelWorker:
                      trainer.samples_trained, last)
             break
         else:
-            self.trainer = ModelTrainer(self.config, self.device)
+            self.trainer = self._new_trainer()
             self.version = versions[-1] if versions else 0
             self.high_water = (0, 0)
             self.covered.clear()
             # Publish at once so the API has a model to serve before any sample arrives.
             self.checkpoint()
+        counts = self.redis.hgetall(self.dead_counts)
+        if counts:  # exact even when dead letters came after the restored checkpoint
+            self.trainer.dead_letters.update({k.decode(): int(v) for k, v in counts.items()})
         self.ledger = []
         self.unacked = []
         self.dirty = False
@@ -354,6 +363,10 @@ class ModelWorker:
         self.last_checkpoint = time.monotonic()
         self.metrics.snapshot_version.set(self.version)
         self.update_metrics()
+
+    def _new_trainer(self) -> ModelTrainer:
+        spare, self._spare = self._spare, None
+        return spare if spare is not None else ModelTrainer(self.config, self.device)
 
     # -- reading ----------------------------------------------------------------------------
     def recover(self) -> None:
@@ -381,6 +394,9 @@ class ModelWorker:
                 break
             cursor = entries[-1][0]
             self.process(entries, recovering=True, in_ledger=in_ledger)
+            # A long pending list is ordinary training: keep the lease, checkpoint as usual.
+            self._renew_lease_if_due()
+            self._maybe_checkpoint()
         self._forget_idle_consumers()
         self.needs_recovery = False
 
@@ -447,11 +463,16 @@ class ModelWorker:
                            b"source_id": eid})
             pipe.xadd(self.dead_stream, letter, maxlen=DEAD_STREAM_MAXLEN, approximate=True)
         pipe.xack(self.stream, self.group, *[eid for eid, _, _ in dead])
+        by_reason = collections.Counter(err.reason for _, _, err in dead)
+        # The count lives in Redis too, in the same transaction: a crash before the next
+        # checkpoint cannot lose it (the acked entry will not come back to be counted again).
+        for reason, n in by_reason.items():
+            pipe.hincrby(self.dead_counts, reason, n)
         pipe.execute()
         assert self.trainer is not None
-        for _, _, err in dead:
-            self.trainer.dead_letters[err.reason] = self.trainer.dead_letters.get(err.reason, 0) + 1
-            self.metrics.dead_letter(err.reason)
+        for reason, n in by_reason.items():
+            self.trainer.dead_letters[reason] = self.trainer.dead_letters.get(reason, 0) + n
+            self.metrics.dead_letter(reason, n)
         self.dirty = True
 
     def _train(self, samples: list[Sample], ids: list[bytes]) -> None:
