@@ -86,6 +86,28 @@ class _NormalizedRows(torch.autograd.Function):
         return d_weight, d_gamma, None
 
 
+class _ShiftedRelu(torch.autograd.Function):
+    """``max(p, floor)`` in place, with ReLU's backward ``g 1(p > floor)`` (one pass).
+
+    ``torch.clamp_min``'s own backward takes a comparison and a ``where`` (two passes, and
+    about ten times slower than ReLU's on CPU at NIN's sizes).
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, floor: float) -> Tensor:  # type: ignore[override]
+        ctx.mark_dirty(pre)
+        out = pre.clamp_min_(floor)
+        ctx.save_for_backward(out)
+        ctx.floor = floor
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, ctx.floor), None
+
+
 class _NormPropLinearRows(torch.autograd.Function):
     """``o = clamp_min(inv_c1 (gamma (x W^T) / (||W|| + eps) + beta - c2), floor)``, 2-D ``x``.
 
@@ -188,7 +210,9 @@ class NormPropLayer:
     def _finish(self, pre: Tensor) -> Tensor:
         """The activation and eq. 12's re-standardisation, after :meth:`_scaled_affine`."""
         if self._fused_relu is not None:
-            return torch.clamp_min(pre, self._fused_relu[2])
+            if torch.is_grad_enabled():
+                return _ShiftedRelu.apply(pre, self._fused_relu[2])
+            return pre.clamp_min_(self._fused_relu[2])
         return self._activate(pre)
 
 
