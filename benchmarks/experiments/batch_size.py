@@ -18,7 +18,8 @@ import torch
 from . import common
 from .loops import fit, lr_for_batch, make_model, pad_curve, seed_everything
 from .metrics import t_interval
-from .plotting import plt, save
+from .metrics import curve_interval
+from .plotting import accuracy_axis, plt, save
 from .report import Context, fmt_ci, md_table, stamp
 
 NAME = "batch_size"
@@ -66,8 +67,6 @@ def run(ctx: Context) -> str:
     for ax, (label, batches) in zip(axes, (("NormProp", NP_BATCHES), ("BatchNorm", BN_BATCHES))):
         for k, bs in enumerate(batches):
             r = runs[label, bs][:, 1:]
-            from .metrics import curve_interval
-
             m, h = curve_interval(r)
             ax.errorbar(x, m, yerr=np.nan_to_num(h), capsize=3, marker="o", markersize=3,
                         color=cmap(k / max(1, len(batches) - 1)),
@@ -77,6 +76,7 @@ def run(ctx: Context) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("validation accuracy (%)")
+    accuracy_axis(axes[0])
     fig.suptitle(f"Effect of training batch size ({len(ctx.seeds)} seeds, 95% CI)")
     path = save(fig, ctx.figures / "fig4_batch_size.png")
 

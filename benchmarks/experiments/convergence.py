@@ -14,7 +14,7 @@ import numpy as np
 from . import common
 from .loops import fit, make_model, pad_curve, seed_everything
 from .metrics import t_interval
-from .plotting import COLORS, curve, plt, save
+from .plotting import accuracy_axis, COLORS, curve, plt, save
 from .report import Context, fmt_ci, md_table, stamp
 
 NAME = "convergence"
@@ -48,6 +48,7 @@ def run(ctx: Context) -> str:
         ax.set_title(f"{dname}: batch size {BATCH}, lr {LR}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%)")
+        accuracy_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.suptitle(f"Convergence stability, NormProp vs BatchNorm ({len(ctx.seeds)} seeds, 95% CI)")

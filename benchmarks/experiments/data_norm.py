@@ -12,7 +12,7 @@ import numpy as np
 from . import common
 from .loops import fit, lr_for_batch, make_model, pad_curve, seed_everything
 from .metrics import t_interval
-from .plotting import curve, plt, save
+from .plotting import accuracy_axis, curve, plt, save
 from .report import Context, fmt_ci, md_table, stamp
 
 NAME = "data_norm"
@@ -55,6 +55,7 @@ def run(ctx: Context) -> str:
             ax.set_title(f"{dname}: batch size {bs}, lr {lr_for_batch(bs):g}")
             ax.set_xlabel("epoch")
             ax.set_ylabel("validation accuracy (%)")
+            accuracy_axis(ax)
             ax.grid(alpha=0.3)
             ax.legend(loc="lower right")
     fig.suptitle(f"NormProp: global vs batch data normalisation ({len(ctx.seeds)} seeds, 95% CI)")

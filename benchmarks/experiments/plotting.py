@@ -39,3 +39,10 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def accuracy_axis(ax) -> None:
+    """Keep an accuracy axis within [0, 100]: a wide t-interval over 3 seeds can poke past 100%,
+    which only wastes space."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, 0.0), min(hi, 100.5))

@@ -80,7 +80,9 @@ def run(ctx: Context) -> str:
     ax.set_xticks(np.arange(len(datasets)), [f"{d} (batch {BATCH})" for d in datasets])
     ax.set_ylabel("time per epoch / BatchNorm's")
     ax.set_title(f"Training time per epoch relative to BN (CPU, 1 thread, 95% CI)")
-    ax.legend(fontsize=8)
+    top = max([v[2] for v in ratios.values() if v[2] == v[2]] + [1.0])
+    ax.set_ylim(0, 1.35 * max(top, 1.0))
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
     path = save(fig, ctx.figures / "speed.png")
     return (f"## {TITLE}\n\n{stamp(ctx)}\n\n![speed]({path.parent.name}/{path.name})\n\n"
