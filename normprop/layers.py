@@ -159,13 +159,21 @@ class _NormPropLinearRows(torch.autograd.Function):
 
 
 class NormPropLayer:
-    """Mixin with what every NormProp layer shares: gamma, beta, the activation, the scale."""
+    """Mixin with what every NormProp layer shares: gamma, beta, the activation, the scale.
+
+    Attributes:
+        fast_path: ``True`` (default) computes eq. 9 / 11 with a closed-form backward (first
+            derivatives only); ``False`` composes plain autograd ops -- the same numbers, slower,
+            but twice differentiable. Under ``torch.func`` transforms the composite path is used
+            automatically.
+    """
 
     weight: Tensor
     gamma: nn.Parameter
     beta: nn.Parameter
     activation: Activation | None
     eps: float
+    fast_path: bool = True
 
     def _init_normprop(self, out_features: int, activation: str | None, gamma_init: float | None,
                        **activation_params: float) -> None:
@@ -199,6 +207,18 @@ class NormPropLayer:
 
     def _activate(self, pre: Tensor) -> Tensor:
         return pre if self.activation is None else self.activation(pre)
+
+    def _use_fast_path(self) -> bool:
+        return self.fast_path and not torch._C._are_functorch_transforms_active()
+
+    def _composite_forward(self, x: Tensor) -> Tensor:
+        """Eq. 9 / 11 / 12 as plain autograd ops (no custom backward)."""
+        weight = self.effective_weight()
+        if isinstance(self, nn.Conv2d):
+            pre = self._conv_forward(x, weight, self.beta)
+        else:
+            pre = F.linear(x, weight, self.beta)
+        return self._activate(pre)
 
     def _scaled_affine(self) -> tuple[Tensor, Tensor]:
         """``(gamma / c1, (beta - c2) / c1)`` for fused ReLU, else ``(gamma, beta)``."""
@@ -262,6 +282,8 @@ class NormPropLinear(nn.Linear, NormPropLayer):
             self.weight.div_(_row_norms(self.weight).clamp_min(1e-12).unsqueeze(1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self._use_fast_path():
+            return self._composite_forward(x)
         rows = x.numel() // max(self.in_features, 1)
         if x.dim() >= 1 and 0 < rows < self.in_features:
             # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
@@ -332,6 +354,8 @@ class NormPropConv2d(nn.Conv2d, NormPropLayer):
             self.weight.div_(norms.view(-1, 1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self._use_fast_path():
+            return self._composite_forward(x)
         # gamma_i (W_i * x)/||W_i||_F + beta_i: the scale goes on the filters, O(parameters).
         gamma, beta = self._scaled_affine()
         pre = self._conv_forward(x, _NormalizedRows.apply(self.weight, gamma, self.eps), beta)

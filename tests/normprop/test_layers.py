@@ -185,3 +185,40 @@ def test_zero_row_stays_finite():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: NormPropLinear(9, 6), (4, 9)),
+    (lambda: NormPropLinear(9, 6, activation="prelu"), (20, 9)),
+    (lambda: NormPropConv2d(2, 4, 3, padding=1), (2, 2, 5, 5)),
+])
+def test_composite_path_same_numbers_and_twice_differentiable(make, shape):
+    torch.manual_seed(0)
+    layer = make().double()
+    scramble_(layer, seed=4)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fast = layer(x)
+    layer.fast_path = False
+    slow = layer(x)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    # Second derivatives need the composite path; the fast path says so instead of being wrong.
+    (gx,) = torch.autograd.grad(slow.pow(2).sum(), x, create_graph=True)
+    assert gx.pow(2).sum().requires_grad
+    (hess_slow,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    layer.fast_path = True
+    (gx_fast,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    assert torch.allclose(gx_fast, gx, atol=1e-12)
+    assert hess_slow.abs().max() > 0
+    if isinstance(layer, NormPropLinear) and shape[0] < 9:
+        # The fast backward is first order only, and says so rather than give wrong numbers.
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx_fast.pow(2).sum().backward()
+
+
+def test_torch_func_transforms_use_the_composite_path():
+    torch.manual_seed(0)
+    layer = NormPropLinear(5, 3).double()
+    x = torch.randn(5, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda v: layer(v))(x)
+    want = torch.autograd.functional.jacobian(lambda v: reference(layer, v), x)
+    assert torch.allclose(jac, want, atol=1e-12)
