@@ -144,8 +144,18 @@ class ModelTrainer:
 
     def train_batch(self, samples: Sequence[Sample]) -> normprop.StepResult:
         """One SGD step on ``samples`` (test-then-train: score first, from the same forward)."""
-        n = len(samples)
         x, y = self.collate(samples)
+        return self.train_tensors(x, y)
+
+    def train_arrays(self, x: np.ndarray, y: np.ndarray) -> normprop.StepResult:
+        """One SGD step on already validated arrays: ``x`` float32 ``(n, features)``, ``y``
+        int64 class indices ``(n,)`` (the worker's batch-decoded fast lane)."""
+        xt = torch.from_numpy(x).reshape(len(x), *self.config.input_shape)
+        return self.train_tensors(self._to_device(xt), self._to_device(torch.from_numpy(y)))
+
+    def train_tensors(self, x: Tensor, y: Tensor) -> normprop.StepResult:
+        """One SGD step at ``scaled_lr`` for this batch size; scores and counts it."""
+        n = x.shape[0]
         lr = self._lr_for(n)
         if lr != self._current_lr:
             for group in self.optimizer.param_groups:

@@ -51,6 +51,7 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import redis
 import torch
 from redis.backoff import ExponentialBackoff
@@ -89,6 +90,33 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+# A backlog read in one round trip with a compact reply. Entries in the documented binary form
+# (exactly the fields ``xb`` of the model's byte length and ``y`` a canonical class index)
+# come back as three blobs -- IDs, concatenated features, labels -- that numpy decodes as a
+# batch; any other entry comes back as is, for EntryCodec. Validation stays in Python (finite
+# values, label range); the script only sorts entries by shape. No BLOCK: scripts cannot block,
+# so it is used only while a backlog lasts.
+_READ_PACKED = """
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                     'STREAMS', KEYS[1], '>')
+if not r then return {} end
+local xlen = tonumber(ARGV[4])
+local ids, xs, ys, other = {}, {}, {}, {}
+for _, e in ipairs(r[1][2]) do
+  local f = e[2]
+  local xb, y
+  if #f == 4 then
+    if f[1] == 'xb' and f[3] == 'y' then xb, y = f[2], f[4]
+    elseif f[1] == 'y' and f[3] == 'xb' then xb, y = f[4], f[2] end
+  end
+  if xb and #xb == xlen and #y <= 9 and (y == '0' or string.find(y, '^[1-9]%d*$')) then
+    ids[#ids + 1] = e[1]; xs[#xs + 1] = xb; ys[#ys + 1] = y
+  else
+    other[#other + 1] = e
+  end
+end
+return {table.concat(ids, ' '), table.concat(xs), table.concat(ys, ' '), other}
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -179,6 +207,10 @@ class ModelWorker:
         self.lease_ttl_ms = int(settings.lease_ttl_seconds * 1000)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._packed = config.task == "classification"
+        self._backlog = False  # the last read filled a batch: read the next one packed
+        self._read_conn: Any = None  # a dedicated connection for prefetched backlog reads
+        self._inflight = False       # a packed read was sent; its reply is not read yet
 
         self.trainer: ModelTrainer | None = None
         self.version = 0                    # newest version this worker wrote or restored
@@ -222,6 +254,8 @@ class ModelWorker:
                                 self.config.name, exc, backoff)
                     # A reply lost in the outage may have delivered entries we never saw.
                     self.needs_recovery = True
+                    self._close_read_conn()
+                    self._backlog = False
                     self.stop.wait(backoff)
                     backoff = min(backoff * 2, _MAX_BACKOFF)
                 except LeaseLost:
@@ -263,11 +297,18 @@ class ModelWorker:
             self._ensure_group()
         self.flush_acks()
         if self.needs_recovery:
+            self._drain_prefetch()
             self.recover()
-        resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                     count=self.config.max_batch, block=self.block_ms)
-        if resp:
-            self.process(resp[0][1], recovering=False)
+        if self._inflight or (self._backlog and self._packed):
+            got = self.read_packed()
+        else:
+            resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                         count=self.config.max_batch, block=self.block_ms)
+            entries = resp[0][1] if resp else []
+            if entries:
+                self.process(entries, recovering=False)
+            got = len(entries)
+        self._backlog = got >= self.config.max_batch
         self._maybe_checkpoint()
         now = time.monotonic()
         if now >= self._next_metrics:
@@ -299,6 +340,8 @@ class ModelWorker:
         self._lease_renewed = now
 
     def _drop_state(self) -> None:
+        self._close_read_conn()
+        self._backlog = False
         self.trainer = None
         self.ledger = []
         self.unacked = []
@@ -454,6 +497,120 @@ class ModelWorker:
         if samples:
             self._train(samples, ids)
 
+    # -- backlog reads: packed, prefetched --------------------------------------------------
+    def _send_packed(self) -> None:
+        """Send the next backlog read now; its reply is read after the current step.
+
+        While the network and Redis work on it, this thread trains: a round trip per step is
+        hidden behind the step (DESIGN section 7). The entries it delivers are pending like
+        any others, so a crash before they are trained loses nothing.
+        """
+        if self._read_conn is None:
+            self._read_conn = self.redis.connection_pool.get_connection()
+        try:
+            self._read_conn.send_command("EVAL", _READ_PACKED, 1, self.stream, self.group,
+                                         self.consumer, self.config.max_batch,
+                                         4 * self.config.num_features)
+        except BaseException:
+            self._close_read_conn()
+            raise
+        self._inflight = True
+
+    def _recv_packed(self) -> Any:
+        self._inflight = False
+        try:
+            return self._read_conn.read_response()
+        except BaseException:
+            self._close_read_conn()
+            raise
+
+    def _close_read_conn(self) -> None:
+        """Drop the prefetch connection (its unread reply's entries stay pending)."""
+        conn, self._read_conn, self._inflight = self._read_conn, None, False
+        if conn is not None:
+            try:
+                conn.disconnect()
+            finally:
+                self.redis.connection_pool.release(conn)
+
+    def _drain_prefetch(self) -> None:
+        if self._inflight:
+            self._process_packed(self._recv_packed())
+
+    def read_packed(self) -> int:
+        """Read up to ``max_batch`` new entries with :data:`_READ_PACKED`; returns how many.
+
+        If the batch is full (the backlog goes on), the next read is sent before this batch
+        is trained.
+        """
+        if not self._inflight:
+            self._send_packed()
+        reply = self._recv_packed()
+        n = (reply[0].count(b" ") + 1 if reply[0] else 0) + len(reply[3]) if reply else 0
+        if n >= self.config.max_batch:
+            self._send_packed()
+        self._process_packed(reply)
+        return n
+
+    def _process_packed(self, res: Any) -> None:
+        """Decode a packed reply and train on it.
+
+        The binary-form entries are validated as a batch (finite features, label in range);
+        one that fails is decoded again by EntryCodec, which raises the same error it would
+        have on the slow path, and is dead-lettered like any other.
+        """
+        if not res:
+            return
+        ids_blob, xs_blob, ys_blob, other_raw = res
+        fast_ids = ids_blob.split(b" ") if ids_blob else []
+        other = [(e[0], dict(zip(e[1][::2], e[1][1::2]))) for e in other_raw]
+        n = len(fast_ids) + len(other)
+        if not n:
+            return
+        firsts = [parse_id(i[0]) for i in (fast_ids[:1], [e[0] for e in other[:1]]) if i]
+        lasts = [parse_id(i[-1]) for i in (fast_ids, [e[0] for e in other]) if i]
+        labels_raw = ys_blob.split(b" ") if ys_blob else []
+        if min(firsts) <= self.high_water:
+            # Redis redelivered old entries (group state rolled back): the careful path.
+            size = 4 * self.config.num_features
+            entries = [(eid, {b"xb": xs_blob[i * size:(i + 1) * size], b"y": labels_raw[i]})
+                       for i, eid in enumerate(fast_ids)] + other
+            entries.sort(key=lambda e: parse_id(e[0]))
+            self.process(entries, recovering=False)
+            return
+        self.high_water = max(self.high_water, *lasts)
+        x = np.frombuffer(xs_blob, dtype="<f4").reshape(len(fast_ids), self.config.num_features)
+        y = np.array([int(v) for v in labels_raw], dtype=np.int64)
+        ok = np.isfinite(x).all(axis=1) & (y < self.config.num_classes)
+        dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]] = []
+        if not ok.all():
+            for i in np.flatnonzero(~ok).tolist():
+                fields = {b"xb": x[i].tobytes(), b"y": labels_raw[i]}
+                try:
+                    self.codec.decode(fields)
+                    raise AssertionError("fast-lane validation disagrees with EntryCodec")
+                except DecodeError as err:
+                    dead.append((fast_ids[i], fields, err))
+            ids = [eid for eid, good in zip(fast_ids, ok.tolist()) if good]
+        else:
+            ids = fast_ids
+        xs, ys = x[ok], y[ok]  # boolean indexing copies: writable, owned arrays for torch
+        if other:
+            extra: list[Sample] = []
+            for eid, fields in other:
+                try:
+                    extra.append(self.codec.decode(fields))
+                    ids.append(eid)
+                except DecodeError as err:
+                    dead.append((eid, fields, err))
+            if extra:
+                xs = np.concatenate([xs, np.stack([s.x for s in extra])])
+                ys = np.concatenate([ys, np.array([s.y for s in extra], dtype=np.int64)])
+        if dead:
+            self._dead_letter(dead)
+        if ids:
+            self._account(self.trainer.train_arrays(xs, ys), ids)  # type: ignore[union-attr]
+
     def _dead_letter(self, dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]]) -> None:
         """Move malformed entries to the dead-letter stream and ack them, in one transaction."""
         pipe = self.redis.pipeline(transaction=True)
@@ -477,14 +634,16 @@ class ModelWorker:
 
     def _train(self, samples: list[Sample], ids: list[bytes]) -> None:
         assert self.trainer is not None
-        result = self.trainer.train_batch(samples)
+        self._account(self.trainer.train_batch(samples), ids)
+
+    def _account(self, result: Any, ids: list[bytes]) -> None:
         self.ledger.extend(ids)
         self.dirty = True
         self.steps_since_checkpoint += 1
         if result.skipped is not None:
             self.metrics.skipped(result.skipped)
             return
-        n = len(samples)
+        n = len(ids)
         self.metrics.samples.inc(n)
         self.metrics.steps.inc()
         self.metrics.batch_size.observe(n)
@@ -555,7 +714,7 @@ class ModelWorker:
             threshold = min(threshold, parse_id(summary["min"]))
         if threshold > (0, 1):
             self.redis.xtrim(self.stream, minid=format_id(threshold), approximate=False)
-        if pending > len(self.ledger):
+        if pending > len(self.ledger) + (self.config.max_batch if self._inflight else 0):
             # Delivered to us but never seen (a reply lost in an outage): read them again.
             self.needs_recovery = True
 
@@ -609,6 +768,7 @@ class ModelWorker:
         if self.trainer is None:
             return
         try:
+            self._drain_prefetch()
             if self.dirty:
                 self.checkpoint()
             self.flush_acks()
@@ -622,6 +782,7 @@ class ModelWorker:
             log.exception("%s: error during shutdown", self.config.name)
         finally:
             try:
+                self._close_read_conn()
                 self.redis.close()
             except Exception:  # noqa: BLE001
                 pass

@@ -137,6 +137,38 @@ def test_dead_letters_never_reach_the_model(redis_server, tmp_path: Path) -> Non
         assert len(trained) == 20
 
 
+def test_dead_letters_in_binary_backlog(redis_server, tmp_path: Path) -> None:
+    """The batch-decoded fast lane (binary entries in a backlog) rejects what EntryCodec does."""
+    cfg = small_config(max_batch=8)
+    settings = make_settings(redis_server.url, tmp_path, cfg)
+    r = _client(redis_server)
+    stream = keys.samples_stream(MODEL)
+    x, y = synthetic(64)
+    nan_row = np.ones(8, dtype="<f4")
+    nan_row[3] = np.nan
+    bad = {
+        "nonfinite": {"xb": nan_row.tobytes(), "y": "1"},
+        "label_out_of_range": {"xb": np.ones(8, dtype="<f4").tobytes(), "y": "3"},
+        "bad_label": {"xb": np.ones(8, dtype="<f4").tobytes(), "y": "01"},
+        "wrong_length": {"xb": np.ones(7, dtype="<f4").tobytes(), "y": "1"},
+    }
+    r.xgroup_create(stream, keys.CONSUMER_GROUP, id="0", mkstream=True)
+    push(r, cfg, x[:20], y[:20])
+    bad_ids = {reason: r.xadd(stream, fields) for reason, fields in bad.items()}
+    push(r, cfg, x[20:], y[20:])
+    with running_worker(settings) as worker:
+        mw = worker.models[MODEL]
+        wait_until(lambda: _ready(worker) and mw.trainer.samples_trained == 64, what="trained")
+        wait_until(lambda: _drained(r), what="everything acked")
+        assert mw.trainer.steps <= 9  # 68 entries read 8 at a time, bad ones left out
+        by_source = {f[b"source_id"]: f for _, f in r.xrange(keys.dead_letter_stream(MODEL))}
+        for reason, eid in bad_ids.items():
+            assert by_source[eid][b"reason"].decode() == reason
+            assert by_source[eid][b"xb"] == bad[reason]["xb"]  # the original bytes
+    trained = _ledger_ids(SnapshotStore(settings.snapshot_dir, MODEL))
+    assert len(trained) == 64 and not trained & {parse_id(i) for i in bad_ids.values()}
+
+
 def test_nonfinite_loss_is_skipped_and_counted(redis_server, tmp_path: Path) -> None:
     cfg = small_config(task="regression", num_targets=1)
     settings = make_settings(redis_server.url, tmp_path, cfg)
