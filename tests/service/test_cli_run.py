@@ -42,7 +42,7 @@ def test_run_starts_redis_worker_api_and_stops_on_ctrl_c(tmp_path: Path) -> None
     api_port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NP_")}
     env.update(PYTHONPATH=str(ROOT), NP_MODELS=json.dumps([MODEL]),
-               NP_SNAPSHOT_POLL_SECONDS="0.1")
+               NP_SNAPSHOT_POLL_SECONDS="0.1", NP_TORCH_THREADS="1")
     log = (tmp_path / "run.log").open("wb")
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--api-port", str(api_port),
