@@ -148,17 +148,21 @@ def _redis_client(settings: Settings) -> Redis:
                           health_check_interval=0)
 
 
+async def _ping(state: ApiState) -> bool:
+    assert state.redis is not None
+    try:
+        await asyncio.wait_for(state.redis.ping(),
+                               timeout=min(state.settings.redis_socket_timeout, 2.0))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "down" for this ping
+        return False
+
+
 async def _watch_redis(state: ApiState) -> None:
     """Ping Redis every second; the gauge and ``redis_ok`` follow (recovery is automatic)."""
-    assert state.redis is not None
     previous: bool | None = None
     while True:
-        try:
-            await asyncio.wait_for(state.redis.ping(),
-                                   timeout=min(state.settings.redis_socket_timeout, 2.0))
-            ok = True
-        except Exception:  # noqa: BLE001 - any failure means "down" for this ping
-            ok = False
+        ok = await _ping(state)
         if ok != previous and (previous is not None or not ok):
             log.warning("Redis is %s", "reachable again" if ok else "unreachable")
         previous = ok
@@ -176,6 +180,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.redis_url is None:
         log.warning("NP_REDIS_URL is not set; using %s", DEFAULT_REDIS_URL)
     state.redis = _redis_client(settings)
+    # Known before the first request; the API starts (and serves) even if Redis is down.
+    state.redis_ok = await _ping(state)
+    metrics_up = state.metrics.redis_up
+    metrics_up.set(1 if state.redis_ok else 0)
     await state.server.refresh()  # serve the newest valid snapshot from the first request
     # Long-lived startup objects (torch, pydantic, routes) leave the GC's generations: fewer
     # and shorter collection pauses in the p99 latency.
