@@ -64,7 +64,8 @@ def start_api(data_dir: Path, port: int, inline_budget: float) -> subprocess.Pop
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
                              "service.api:create_app", "--host", "127.0.0.1", "--port",
                              str(port), "--no-access-log", "--log-level", "warning"],
-                            cwd=ROOT, env=env)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
