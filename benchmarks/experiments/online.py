@@ -182,8 +182,11 @@ def run(ctx: Context) -> str:
     best_rate = {name: max(v) for name, v in bench.items()}
 
     # -- figures ---------------------------------------------------------------------------------
-    fig, axes = plt.subplots(1, len(streams), figsize=(4.3 * len(streams), 3.9), squeeze=False)
-    for ax, s in zip(axes[0], streams):
+    cols = 3
+    rows_ = -(-(len(streams) + 1) // cols)  # one spare panel holds the legend
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.6 * rows_), squeeze=False)
+    flat = axes.ravel()
+    for ax, s in zip(flat, streams):
         n = lengths[s]
         xs = np.arange(1, n + 1)
         for name in names:
@@ -192,18 +195,21 @@ def run(ctx: Context) -> str:
             curve(ax, xs, runs, name, color, linestyle=ls)
         drift_at = make_stream(s, 0, limit).drift_at
         if drift_at:
-            ax.axvline(drift_at, color="black", lw=0.8, ls=":")
+            ax.axvline(drift_at, color="black", lw=0.8, ls=":", label="drift")
         ax.set_title(s)
         ax.set_xlabel("samples seen")
+        ax.set_ylabel("prequential accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("prequential accuracy, cumulative (%)")
-    axes[0, -1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Test-then-train accuracy, one pass ({len(ctx.seeds)} seeds, 95% CI)")
+    handles, labels_ = flat[len(streams) - 1].get_legend_handles_labels()
+    for ax in flat[len(streams):]:
+        ax.axis("off")
+    flat[-1].legend(handles, labels_, loc="center", fontsize=9)
+    fig.suptitle(f"Cumulative test-then-train accuracy, one pass ({len(ctx.seeds)} seeds, 95% CI)")
     p1 = save(fig, ctx.figures / "online_prequential.png")
 
     drift_streams = [s for s in streams if "+" in s]
-    fig, axes = plt.subplots(1, len(drift_streams), figsize=(6 * len(drift_streams), 4),
+    fig, axes = plt.subplots(1, len(drift_streams), figsize=(6 * len(drift_streams), 4.6),
                              squeeze=False)
     for ax, s in zip(axes[0], drift_streams):
         n = lengths[s]
@@ -219,9 +225,11 @@ def run(ctx: Context) -> str:
         ax.set_ylabel(f"accuracy over the last {window} samples (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="lower left")
+    handles, labels_ = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(f"Drift and recovery ({len(ctx.seeds)} seeds, 95% CI)")
-    p2 = save(fig, ctx.figures / "online_drift.png")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    p2 = save(fig, ctx.figures / "online_drift.png", tight=False)
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for k, name in enumerate(names):

@@ -34,8 +34,9 @@ def curve(ax, x, runs, label: str, color: str | None = None, caps: bool = False,
                         color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -96,6 +96,23 @@ def machine_line() -> str:
             f"{torch.get_num_threads()} thread(s), Python {sys.version.split()[0]}, {gpu}")
 
 
+def code_version() -> str:
+    """The commit the library ran at, and whether ``normprop/`` had uncommitted edits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "normprop"], cwd=root,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return head + (" + uncommitted normprop/ edits" if dirty else "")
+
+
 def stamp(ctx: Context) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
@@ -104,7 +121,7 @@ def stamp(ctx: Context) -> str:
     except OSError:  # pragma: no cover - not on every platform
         load = ""
     return (f"*Command:* `{ctx.command}` · *seeds:* {', '.join(map(str, ctx.seeds))} · "
-            f"*date:* {now}  \n*Machine:* {machine_line()}; {load}")
+            f"*date:* {now} · *code:* {code_version()}  \n*Machine:* {machine_line()}; {load}")
 
 
 def update_section(path: Path, name: str, body: str) -> None:
