@@ -20,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "default", "input_shape": [4], "num_classes": 2, "spec": "mlp:8",
          "snapshot_every_seconds": 0.5, "snapshot_every_steps": 20}
+# A second model by configuration alone: its own stream, snapshots and metric labels.
+SECOND = {"name": "sensors", "input_shape": [3], "task": "regression", "num_targets": 1,
+          "spec": "mlp:8"}
 
 
 def _free_port() -> int:
@@ -41,7 +44,7 @@ def _listening(port: int) -> bool:
 def test_run_starts_redis_worker_api_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     api_port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NP_")}
-    env.update(PYTHONPATH=str(ROOT), NP_MODELS=json.dumps([MODEL]),
+    env.update(PYTHONPATH=str(ROOT), NP_MODELS=json.dumps([MODEL, SECOND]),
                NP_SNAPSHOT_POLL_SECONDS="0.1", NP_TORCH_THREADS="1")
     log = (tmp_path / "run.log").open("wb")
     t0 = time.monotonic()
@@ -62,8 +65,14 @@ def test_run_starts_redis_worker_api_and_stops_on_ctrl_c(tmp_path: Path) -> None
             assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
             time.sleep(0.2)
         print(f"\nready in {time.monotonic() - t0:.1f}s")
+        assert httpx.get(url + "/readyz").json()["models"] == {"default": 1, "sensors": 1}
+        reg = httpx.post(url + "/predict", json={"model": "sensors", "instances": [[1, 2, 3]]})
+        assert reg.status_code == 200 and "value" in reg.json()["predictions"][0]
+        assert (tmp_path / "var" / "snapshots" / "sensors").is_dir()
         assert (tmp_path / "var" / "redis" / "appendonlydir").exists()  # AOF in data_dir
-        assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 200
+        worker_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'model="sensors"' in worker_metrics
+        assert 'model="sensors"' in httpx.get(url + "/metrics").text
 
         # The whole path: ingest -> worker trains -> new snapshot -> served.
         samples = [{"x": [1.0, 0.0, 0.0, float(i % 2)], "y": i % 2} for i in range(50)]
