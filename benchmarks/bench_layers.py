@@ -69,9 +69,12 @@ def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Call
     return step
 
 
+STAT: Callable[[list[float]], float] = statistics.median
+
+
 def round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
                 budget_s: float | None = None) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved."""
+    """Median (or ``--stat min``) seconds per call of each function, calls interleaved."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
@@ -84,7 +87,7 @@ def round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
             times[k].append(time.perf_counter() - t0)
         if budget_s is not None and time.perf_counter() - start > budget_s and len(times[k]) >= 5:
             break
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: STAT(v) for k, v in times.items()}
 
 
 def bench_training(name: str, spec: str, shape: int | tuple[int, ...], batches: list[int],
@@ -147,13 +150,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--only", choices=("mlp", "nin"), default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="per-step statistic (min is less sensitive to other processes)")
     args = parser.parse_args()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
     if args.threads:
         torch.set_num_threads(args.threads)
     q = 0.3 if args.quick else 1.0
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
-    print("training step: median time per step (ratio to plain)")
+    print(f"training step: {args.stat} time per step (ratio to plain)")
     print(f"{'':15s} | " + " | ".join(f"{n:>20s}" for n in NORMS))
     if args.only in (None, "mlp"):
         bench_training("MLP", MLP_SPEC, MLP_INPUT, [1, 32, 256],

@@ -158,6 +158,13 @@ class _NormPropLinearRows(torch.autograd.Function):
         return d_x, d_w, d_gamma, d_beta, None, None, None, None
 
 
+# ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1): the
+# re-standardisation folds into the layer's own scale and bias, and the activation becomes one
+# clamp -- the op count of a plain Linear + ReLU.
+_RELU_STATS = activation_stats("relu")
+_RELU_FOLD = (1.0 / _RELU_STATS.std, _RELU_STATS.mean, -_RELU_STATS.mean / _RELU_STATS.std)
+
+
 class NormPropLayer:
     """Mixin with what every NormProp layer shares: gamma, beta, the activation, the scale.
 
@@ -188,13 +195,12 @@ class NormPropLayer:
         self.gamma_init = float(default_gamma if gamma_init is None else gamma_init)
         self.gamma = nn.Parameter(torch.full((out_features,), self.gamma_init))
         self.beta = nn.Parameter(torch.zeros(out_features))
-        # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1):
-        # the re-standardisation folds into the layer's own scale and bias, and the activation
-        # becomes one clamp -- the op count of a plain Linear + ReLU.
-        self._fused_relu: tuple[float, float, float] | None = None
-        if activation == "relu":
-            stats = activation_stats("relu")
-            self._fused_relu = (1.0 / stats.std, stats.mean, -stats.mean / stats.std)
+
+    @property
+    def _fused_relu(self) -> tuple[float, float, float] | None:
+        """``(1/c1, c2, -c2/c1)`` when the activation is ReLU (read from ``self.activation``)."""
+        act = self.activation
+        return _RELU_FOLD if act is not None and act.name == "relu" else None
 
     def weight_scale(self) -> Tensor:
         """``gamma_i / ||W_i||``: the per-unit factor applied to ``W_i . x`` (eq. 9)."""

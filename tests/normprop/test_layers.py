@@ -222,3 +222,13 @@ def test_torch_func_transforms_use_the_composite_path():
     jac = torch.func.jacrev(lambda v: layer(v))(x)
     want = torch.autograd.functional.jacobian(lambda v: reference(layer, v), x)
     assert torch.allclose(jac, want, atol=1e-12)
+
+
+def test_replacing_the_activation_module_is_respected():
+    from normprop import Activation
+
+    torch.manual_seed(0)
+    layer = NormPropLinear(6, 4).double()
+    layer.activation = Activation("tanh").double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x), reference(layer, x), atol=1e-12)
