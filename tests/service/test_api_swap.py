@@ -25,7 +25,7 @@ from service.settings import ModelConfig
 from service.snapshots import SnapshotStore
 
 CFG = ModelConfig(name="default", input_shape=[64], num_classes=10, spec="mlp:64,64")
-VERSIONS = 26          # v1 at start, then v2..v26 published under load
+VERSIONS = 30          # v1 at start, then v2..v30 published under load
 CORRUPT = 12           # this one has a NaN weight: must be refused, never served
 CLIENTS = 6
 PUBLISH_EVERY = 0.15
