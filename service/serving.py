@@ -12,8 +12,9 @@ Snapshots come from the shared ``data_dir``, not from Redis, so serving survives
 Inline compute or a thread hop? For small models the forward pass (tens of microseconds for the
 digits MLP) is cheaper than handing it to a thread pool (a hop plus GIL hand-offs), so each
 version is timed once at load and a request computes inline when its estimated cost is under
-:data:`INLINE_BUDGET_SECONDS` (``NP_PREDICT_INLINE_BUDGET_SECONDS``), in a thread otherwise (large batches, conv nets), so that one big
-request cannot stall the event loop for everyone else.
+``NP_PREDICT_INLINE_BUDGET_SECONDS`` (default :data:`INLINE_BUDGET_SECONDS`), in a thread
+otherwise (large batches, conv nets), so that one big request cannot stall the event loop for
+everyone else.
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ class ModelServer:
                 log.warning("model %r: snapshot v%d not served: %s", slot.name, version, exc)
                 continue
             self.metrics.load_seconds.labels(slot.name).observe(time.perf_counter() - t0)
-            # Only this task assigns, so the check and the swap cannot interleave.
+            # Assigned only under the poll lock: the check and the swap cannot interleave.
             if slot.current is None or served.version > slot.current.version:
                 slot.current = served
                 if not any(v > served.version for v in slot.failed):
