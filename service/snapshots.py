@@ -10,7 +10,12 @@ One version is one file, ``{data_dir}/snapshots/{model}/v{version:010d}.safetens
 
 Writing is atomic: the file is written under a temporary name, fsynced, renamed into place,
 and only then is the ``LATEST`` pointer replaced (also by rename). A reader therefore sees a
-whole version or none. Nothing is ever unpickled: safetensors stores raw tensors, metadata is
+whole version or none.
+
+An operator may pin a version: the ``PINNED`` file (the version number, written atomically by
+rename) tells every API replica to serve that version instead of the newest, and retention
+(:meth:`SnapshotStore.prune`) never deletes it. The file, not Redis, is the source of truth, so
+a pin holds while Redis is down and is seen by the worker's pruning on the same volume. Nothing is ever unpickled: safetensors stores raw tensors, metadata is
 JSON.
 
 The same file is the worker's checkpoint (it restores model, optimiser, statistics, counters)
@@ -124,6 +129,7 @@ class SnapshotStore:
         self.dir = Path(root) / model
         self.dir.mkdir(parents=True, exist_ok=True)
         self._latest = self.dir / "LATEST"
+        self._pinned = self.dir / "PINNED"
 
     def path(self, version: int) -> Path:
         return self.dir / f"v{version:010d}.safetensors"
@@ -199,10 +205,69 @@ class SnapshotStore:
         """Only the JSON metadata of a version (reads the header, not the tensors)."""
         return self.read(version).metadata
 
+    def read_header_metadata(self, version: int) -> dict[str, Any]:
+        """The JSON metadata from the safetensors header alone (no tensor is read or checked).
+
+        For listings; serving always goes through :meth:`read` and ``load_network``.
+        """
+        path = self.path(version)
+        try:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if header_len <= 0 or header_len > 100_000_000:
+                    raise SnapshotError(f"{path.name}: bad header length")
+                header = json.loads(f.read(header_len))
+            meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "{}"))
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist") from None
+        except (ValueError, OSError, UnicodeDecodeError, AttributeError) as exc:
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} is unreadable: {exc}") from None
+        if not isinstance(meta, dict):
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} has inconsistent metadata")
+        return meta
+
+    # -- pins -------------------------------------------------------------------------------
+    def pinned_version(self) -> int | None:
+        """The version an operator pinned (the ``PINNED`` file), or None to follow the newest."""
+        try:
+            text = self._pinned.read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            return int(text) if text else None
+        except ValueError:
+            return None
+
+    def pin(self, version: int) -> None:
+        """Pin ``version`` (atomically, by rename); :class:`SnapshotError` if it is not on disk."""
+        if not self.path(version).exists():
+            raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-pinned-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{version}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._pinned)
+            _fsync_dir(self.dir)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def unpin(self) -> None:
+        """Follow the newest version again (no-op if nothing is pinned)."""
+        self._pinned.unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+
     def prune(self, keep: int, protect: set[int] | None = None) -> list[int]:
-        """Delete all but the newest ``keep`` versions (never one in ``protect``)."""
+        """Delete all but the newest ``keep`` versions (never one in ``protect``, never the
+        pinned version, whatever ``protect`` says)."""
         versions = self.versions()
-        doomed = [v for v in versions[:-keep] if not (protect and v in protect)] if keep > 0 else []
+        protect = set(protect or ())
+        pinned = self.pinned_version()
+        if pinned is not None:
+            protect.add(pinned)
+        doomed = [v for v in versions[:-keep] if v not in protect] if keep > 0 else []
         for v in doomed:
             self.path(v).unlink(missing_ok=True)
         for stale in self.dir.glob(".tmp-*"):
