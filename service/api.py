@@ -33,7 +33,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import routes_ingest, routes_models, routes_predict
+from . import routes_admin, routes_ingest, routes_models, routes_predict
 from .api_metrics import ApiMetrics
 from .routes_common import ApiError, ApiState, api_state, error_response, json_response
 from .serving import ModelServer
@@ -239,6 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_predict.router)
     app.include_router(routes_ingest.router)
     app.include_router(routes_models.router)
+    app.include_router(routes_admin.router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is alive")
     async def healthz() -> Response:

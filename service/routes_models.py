@@ -29,6 +29,7 @@ class ModelInfo(BaseModel):
     snapshot: dict[str, Any] | None = None
     config: dict[str, Any]
     last_error: str | None = None
+    pinned: int | None = None
 
 
 def model_info(slot: ModelSlot) -> dict[str, Any]:
@@ -47,6 +48,7 @@ def model_info(slot: ModelSlot) -> dict[str, Any]:
         "snapshot": {k: meta[k] for k in _REPORTED if k in meta} if served else None,
         "config": slot.config.model_dump(mode="json"),
         "last_error": slot.last_error,
+        "pinned": served.version if served is not None and served.pinned else None,
     }
 
 

@@ -4,7 +4,9 @@ A request reads ``slot.current`` once and uses only that object, so it is answer
 one version (DESIGN section 3). A newer snapshot is read, validated (``load_network``) and
 folded (``normprop.fold``) in a worker thread, never on the event loop; only then is the one
 reference replaced. The reference only ever moves to a higher version, so versions never go
-backwards within a process. A snapshot that fails validation is remembered, counted and
+backwards within a process, except across an explicit pin: while the store's ``PINNED`` file
+names a version, every replica serves exactly that one (older or not), and after an unpin it
+follows the newest again. A snapshot that fails validation is remembered, counted and
 skipped; the old version keeps serving.
 
 Snapshots come from the shared ``data_dir``, not from Redis, so serving survives a Redis outage.
@@ -20,6 +22,7 @@ everyone else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -74,6 +77,8 @@ class ServedVersion:
     #: Measured forward cost: ``seconds(n) ~= fixed + per_instance * n``.
     fixed_seconds: float = 0.0
     per_instance_seconds: float = 0.0
+    #: Served because an operator pinned it (``SnapshotStore.pin``), not because it is newest.
+    pinned: bool = False
 
     def runs_inline(self, n: int, budget: float = INLINE_BUDGET_SECONDS) -> bool:
         """Whether ``n`` instances are cheap enough (under ``budget`` seconds) for the loop."""
@@ -268,9 +273,87 @@ class ModelServer:
                 except Exception:  # noqa: BLE001 - a poll failure must not end serving
                     log.exception("snapshot poll of model %r failed", slot.name)
 
+    async def _load(self, slot: ModelSlot, version: int) -> ServedVersion | None:
+        """Read, validate and fold ``version`` in a thread; None (counted, remembered) if bad."""
+        t0 = time.perf_counter()
+        try:
+            served = await anyio.to_thread.run_sync(fold_snapshot, slot.store, slot.config,
+                                                    version)
+        except (SnapshotError, ValueError, RuntimeError, OSError) as exc:
+            slot.failed.add(version)
+            slot.last_error = str(exc)
+            self.metrics.snapshot_load_failures.labels(slot.name).inc()
+            log.warning("model %r: snapshot v%d not served: %s", slot.name, version, exc)
+            return None
+        self.metrics.load_seconds.labels(slot.name).observe(time.perf_counter() - t0)
+        return served
+
+    def _swap(self, slot: ModelSlot, served: ServedVersion) -> None:
+        """Replace the slot's one reference (call under the poll lock)."""
+        slot.current = served
+        self.metrics.snapshot_loads.labels(slot.name).inc()
+        log.info("model %r now serves snapshot v%d%s", slot.name, served.version,
+                 " (pinned)" if served.pinned else "")
+
+    async def pin(self, name: str, version: int) -> ServedVersion:
+        """Validate ``version``, write the store's ``PINNED`` file and serve it at once.
+
+        Raises :class:`SnapshotError` (nothing pinned, the current version keeps serving) if
+        the version is not on disk or fails validation.
+        """
+        slot = self.slots[name]
+        exists = await anyio.to_thread.run_sync(slot.store.path(version).exists)
+        if not exists:
+            raise SnapshotError(f"snapshot v{version} of {name!r} does not exist")
+        async with self._poll_lock:
+            current = slot.current
+            if current is not None and current.version == version:
+                served = current
+            else:
+                slot.failed.discard(version)  # an explicit request deserves a fresh try
+                loaded = await self._load(slot, version)
+                if loaded is None:
+                    raise SnapshotError(slot.last_error or f"snapshot v{version} is invalid")
+                served = loaded
+            await anyio.to_thread.run_sync(slot.store.pin, version)
+            self._swap(slot, dataclasses.replace(served, pinned=True))
+            return slot.current  # type: ignore[return-value]
+
+    async def unpin(self, name: str) -> None:
+        """Remove the pin and follow the newest valid version again."""
+        slot = self.slots[name]
+        async with self._poll_lock:
+            await anyio.to_thread.run_sync(slot.store.unpin)
+            await self._refresh_slot(slot)
+
+    async def _refresh_pinned(self, slot: ModelSlot, pinned: int) -> None:
+        current = slot.current
+        if current is not None and current.version == pinned:
+            if not current.pinned:
+                slot.current = dataclasses.replace(current, pinned=True)
+            return
+        if pinned in slot.failed:
+            return  # a pin another replica wrote that fails here: keep serving, error shown
+        served = await self._load(slot, pinned)
+        if served is not None:
+            self._swap(slot, dataclasses.replace(served, pinned=True))
+
     async def _refresh_slot(self, slot: ModelSlot) -> None:
+        pinned = await anyio.to_thread.run_sync(slot.store.pinned_version)
+        if pinned is not None:
+            await self._refresh_pinned(slot, pinned)
+            if slot.current is not None:
+                return
+            # The pinned version does not load here and nothing serves yet: the newest valid
+            # one is better than no answer (the error is in GET /models/{name}).
         latest = await anyio.to_thread.run_sync(slot.store.latest_version)
         current = slot.current.version if slot.current else 0
+        if slot.current is not None and slot.current.pinned and latest is not None:
+            # Unpinned: follow the newest again, even if it is below the version pinned.
+            if latest == current:
+                slot.current = dataclasses.replace(slot.current, pinned=False)
+                return
+            current = 0 if latest < current else current
         if latest is None or latest <= current or latest in slot.failed:
             return
         candidates = [latest]
@@ -281,28 +364,18 @@ class ModelServer:
         for version in candidates:
             if version in slot.failed or version <= current:
                 continue
-            t0 = time.perf_counter()
-            try:
-                served = await anyio.to_thread.run_sync(fold_snapshot, slot.store, slot.config,
-                                                        version)
-            except (SnapshotError, ValueError, RuntimeError, OSError) as exc:
-                slot.failed.add(version)
-                slot.last_error = str(exc)
-                self.metrics.snapshot_load_failures.labels(slot.name).inc()
-                log.warning("model %r: snapshot v%d not served: %s", slot.name, version, exc)
+            served = await self._load(slot, version)
+            if served is None:
                 continue
-            self.metrics.load_seconds.labels(slot.name).observe(time.perf_counter() - t0)
             # Assigned only under the poll lock: the check and the swap cannot interleave.
-            if slot.current is None or served.version > slot.current.version:
-                slot.current = served
+            if slot.current is None or served.version > current:
+                self._swap(slot, served)
                 if not any(v > served.version for v in slot.failed):
                     slot.last_error = None
-                self.metrics.snapshot_loads.labels(slot.name).inc()
                 created = served.metadata.get("created_at")
                 if isinstance(created, (int, float)):
                     self.metrics.swap_seconds.labels(slot.name).observe(
                         max(0.0, time.time() - float(created)))
-                log.info("model %r now serves snapshot v%d", slot.name, served.version)
             return
 
     async def run(self) -> None:

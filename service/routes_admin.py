@@ -1,0 +1,134 @@
+"""Snapshot versions (admin key): list them, pin the API to one, unpin.
+
+A pin is the ``PINNED`` file in the model's snapshot directory (:class:`SnapshotStore.pin`),
+so every API replica on the same volume serves the pinned version within one poll period, the
+pin survives restarts and Redis outages, and the worker's retention never deletes it. The
+replica that receives the request validates the version first (read, shapes, finiteness,
+fold) and serves it before answering; a version that is missing answers 404 and one that
+fails validation 422, and in both cases nothing is pinned and the current version keeps
+serving. Versions never go backwards in a replica except across an explicit pin or unpin.
+
+Rolling the *worker* back (training resumes from an older version) is a separate operation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
+                            read_json_object, require_key)
+from .routes_models import model_info
+from .serving import ModelSlot
+from .snapshots import SnapshotError
+
+router = APIRouter(tags=["admin"])
+
+_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "admin API key missing"},
+    403: {"description": "admin API key wrong"},
+    404: {"description": "unknown model or version"},
+}
+
+
+class VersionInfo(BaseModel):
+    version: int
+    created_at: float | None = None
+    samples_trained: int | None = None
+    prequential: dict[str, Any] | None = Field(None, description="test-then-train metrics "
+                                               "when the version was saved")
+    size_bytes: int | None = None
+    latest: bool
+    pinned: bool
+    served: bool
+    error: str | None = Field(None, description="why the header could not be read")
+
+
+class VersionList(BaseModel):
+    model: str
+    latest: int | None
+    pinned: int | None
+    served: int | None
+    versions: list[VersionInfo]
+
+
+class PinRequest(BaseModel):
+    version: int = Field(..., ge=1, description="a version listed by GET .../versions")
+
+
+def _describe(slot: ModelSlot) -> dict[str, Any]:
+    """Blocking (file reads): every version on disk with the metadata worth choosing by."""
+    store = slot.store
+    latest = store.latest_version()
+    pinned = store.pinned_version()
+    served = slot.current.version if slot.current else None
+    out = []
+    for v in reversed(store.versions()):
+        row: dict[str, Any] = {"version": v, "latest": v == latest, "pinned": v == pinned,
+                               "served": v == served}
+        try:
+            meta = store.read_header_metadata(v)
+            row.update(created_at=meta.get("created_at"),
+                       samples_trained=meta.get("samples_trained"),
+                       prequential=meta.get("prequential"))
+            row["size_bytes"] = store.path(v).stat().st_size
+        except (SnapshotError, OSError) as exc:  # pruned meanwhile, or unreadable
+            row["error"] = str(exc)
+        out.append(row)
+    return {"model": slot.name, "latest": latest, "pinned": pinned, "served": served,
+            "versions": out}
+
+
+@router.get("/admin/models/{name}/versions", response_model=VersionList,
+            summary="Snapshot versions on disk, newest first (admin key)",
+            responses=_ADMIN_ERRORS)
+async def list_versions(request: Request, name: str) -> Response:
+    """Each version's samples trained, prequential accuracy when saved, creation time and
+    size, and which one is the newest, pinned and served by this replica."""
+    require_key(request, "admin")
+    slot = find_slot(request, name)
+    return json_response(await anyio.to_thread.run_sync(_describe, slot))
+
+
+@router.post("/admin/models/{name}/pin", summary="Serve version N until unpinned (admin key)",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": inline_schema(PinRequest.model_json_schema())}}}},
+             responses={**_ADMIN_ERRORS,
+                        422: {"description": "the version fails validation; nothing pinned"}})
+async def pin_version(request: Request, name: str) -> Response:
+    """Validate the version, pin it (every replica follows within one poll) and serve it."""
+    require_key(request, "admin")
+    slot = find_slot(request, name)
+    body, _ = await read_json_object(request)
+    version = body.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ApiError(422, "bad_request", "'version' must be a positive integer")
+    server = api_state(request).server
+    exists = await anyio.to_thread.run_sync(slot.store.path(version).exists)
+    if not exists:
+        known = await anyio.to_thread.run_sync(slot.store.versions)
+        raise ApiError(404, "unknown_version", f"model {slot.name!r} has no snapshot "
+                       f"v{version}; on disk: {known[-10:]}")
+    t0 = time.perf_counter()
+    try:
+        served = await server.pin(slot.name, version)
+    except SnapshotError as exc:
+        raise ApiError(422, "invalid_snapshot", f"v{version} fails validation and was not "
+                       f"pinned (v{slot.current.version if slot.current else '-'} keeps "
+                       f"serving): {exc}") from None
+    return json_response({**model_info(slot), "pinned": served.version,
+                          "pin_seconds": round(time.perf_counter() - t0, 4)})
+
+
+@router.delete("/admin/models/{name}/pin", summary="Follow the newest version again "
+               "(admin key)", responses=_ADMIN_ERRORS)
+async def unpin_version(request: Request, name: str) -> Response:
+    require_key(request, "admin")
+    slot = find_slot(request, name)
+    await api_state(request).server.unpin(slot.name)
+    return json_response({**model_info(slot), "pinned": None})
