@@ -52,6 +52,9 @@ class ModelConfig(BaseModel):
     snapshot_every_seconds: float = Field(2.0, gt=0)
     keep_snapshots: int = Field(5, ge=1)
     seed: int = 0
+    #: Delayed labels: when set, ``POST /predict`` keeps each instance's features, answering
+    #: version and prediction in Redis this long, for ``POST /label`` to join a label to.
+    label_ttl_seconds: float | None = Field(None, gt=0, le=30 * 86400)
 
     @field_validator("input_shape")
     @classmethod
@@ -118,6 +121,9 @@ class Settings(BaseSettings):
     #: thread (0: always a thread). See ``service/serving.py`` and docs/SERVICE.md.
     predict_inline_budget_seconds: float = Field(0.002, ge=0)
     cors_origins: list[str] = Field(default_factory=list)
+    #: The dashboard's history: one point per model every this many seconds, this many kept.
+    dashboard_sample_seconds: float = Field(1.0, gt=0)
+    dashboard_history: int = Field(600, ge=2, le=100_000)
 
     @model_validator(mode="after")
     def _load_models_file(self) -> Settings:
