@@ -42,7 +42,7 @@ def labelled_key(model: str, prediction_id: str) -> str:
 
 def pending_predictions(model: str) -> str:
     """Ids awaiting a label, scored by their expiry in ms (a sorted set swept for expiries)."""
-    return f"np:{{{model}}}:pred:pending"
+    return f"np:{{{model}}}:pending"
 
 
 def served_totals(model: str) -> str:
