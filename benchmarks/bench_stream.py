@@ -103,16 +103,36 @@ def bench_stream(cfg: ModelConfig, url: str, data_dir: Path, x: np.ndarray, y: n
     pipe.execute()
     settings = Settings(redis_url=url, models=[cfg], data_dir=data_dir, device="cpu",
                         worker_metrics_port=0, consumer_name="bench")
-    worker = ModelWorker(settings, cfg, WorkerMetrics(), threading.Event(), "bench")
+    metrics = WorkerMetrics()
+    worker = ModelWorker(settings, cfg, metrics, threading.Event(), "bench")
     worker._spare = None
     while worker.trainer is None or worker.trainer.samples_trained < warm:
         worker.run_once()
+    before = _checkpoints(metrics)
     start = time.perf_counter()
     while worker.trainer.samples_trained < total:
         worker.run_once()
     elapsed = time.perf_counter() - start
+    after = _checkpoints(metrics)
+    CHECKPOINTS.append((after[0] - before[0], after[1] - before[1], elapsed))
     worker._shutdown()
     return (total - warm) / elapsed
+
+
+#: (checkpoints, seconds spent in them, loop seconds) of each stream run.
+CHECKPOINTS: list[tuple[float, float, float]] = []
+
+
+def _checkpoints(metrics: WorkerMetrics) -> tuple[float, float]:
+    count = total = 0.0
+    for fam in metrics.registry.collect():
+        if fam.name == "normprop_worker_checkpoint_duration_seconds":
+            for s in fam.samples:
+                if s.name.endswith("_count"):
+                    count = s.value
+                elif s.name.endswith("_sum"):
+                    total = s.value
+    return count, total
 
 
 def main() -> None:
@@ -151,9 +171,15 @@ def main() -> None:
                 res["stream"].append(bench_stream(cfg, server.url, tmp / "data", x, y, batch,
                                                   steps))
             med = {k: statistics.median(v) for k, v in res.items()}
+            n_ck = sum(c[0] for c in CHECKPOINTS)
+            ck_share = sum(c[1] for c in CHECKPOINTS) / sum(c[2] for c in CHECKPOINTS)
+            ck_mean = sum(c[1] for c in CHECKPOINTS) / max(1, n_ck) * 1e3
+            CHECKPOINTS.clear()
             print(f"{batch:>9} {med['step']:>10.0f} {med['trainer']:>10.0f} "
                   f"{med['stream']:>10.0f} {med['stream'] / med['step']:>11.2f} "
-                  f"{med['trainer'] / med['step']:>12.2f}", flush=True)
+                  f"{med['trainer'] / med['step']:>12.2f}   checkpoints: {n_ck:.0f}, "
+                  f"{ck_mean:.1f} ms each, {100 * ck_share:.1f}% of the stream time",
+                  flush=True)
     finally:
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -691,14 +691,17 @@ class ModelWorker:
         except OSError as exc:  # a reader may hold a file on some filesystems; try next time
             log.warning("%s: pruning snapshots failed: %s", self.config.name, exc)
         try:
-            self.flush_acks()
+            self.flush_acks(trim=True)
         finally:
             self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
         return version
 
-    def flush_acks(self) -> None:
-        """XACK what written checkpoints cover, then XTRIM MINID below everything unfinished."""
-        if not self.unacked:
+    def flush_acks(self, trim: bool = False) -> None:
+        """XACK what written checkpoints cover, then XTRIM MINID below everything unfinished.
+
+        ``trim`` trims even with nothing to ack (a checkpoint after dead letters only).
+        """
+        if not self.unacked and not trim:
             return
         pipe = self.redis.pipeline(transaction=False)
         for i in range(0, len(self.unacked), _ACK_CHUNK):

@@ -113,22 +113,27 @@ def test_dead_letters_never_reach_the_model(redis_server, tmp_path: Path) -> Non
     bad_ids = {reason: r.xadd(stream, fields) for reason, fields in BAD_ENTRIES.items()}
     bad_ids["nonfinite_inf"] = r.xadd(stream, {"x": "[1, 2, 3, Infinity, 5, 6, 7, 8]", "y": "1"})
     push(r, cfg, x[10:], y[10:])
+    bad_ids["wrong_length_last"] = r.xadd(stream, BAD_ENTRIES["wrong_length"])
     with running_worker(settings) as worker:
         mw = worker.models[MODEL]
         wait_until(lambda: _ready(worker) and mw.trainer.samples_trained == 20, what="trained")
         wait_until(lambda: _drained(r), what="everything acked")
+        # Trimmed below the checkpoint, even when the newest entries were all dead letters.
+        wait_until(lambda: r.xlen(stream) == 0, what="the stream trimmed")
         dead = r.xrange(keys.dead_letter_stream(MODEL))
         by_source = {fields[b"source_id"]: fields for _, fields in dead}
         assert len(dead) == len(bad_ids)
         for reason, eid in bad_ids.items():
             letter = by_source[eid]
-            assert letter[b"reason"].decode() == reason.removesuffix("_inf")
+            assert letter[b"reason"].decode() == reason.removesuffix("_inf").removesuffix("_last")
             assert letter[b"detail"]
             assert sum(len(v) for v in letter.values()) < 6000  # bounded copy of the original
         assert mw.trainer.samples_trained == 20
         counts = mw.trainer.dead_letters
         assert counts["nonfinite"] == 2
-        assert all(counts[reason] == 1 for reason in BAD_ENTRIES if reason != "nonfinite")
+        assert counts["wrong_length"] == 2
+        assert all(counts[reason] == 1 for reason in BAD_ENTRIES
+                   if reason not in ("nonfinite", "wrong_length"))
         metric = _family(worker.metrics, "normprop_worker_dead_letters")
         assert _sample(metric, "normprop_worker_dead_letters_total", reason="nonfinite") == 2
         # Never trained: no ledger lists a dead-lettered ID.
