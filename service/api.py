@@ -33,7 +33,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import routes_admin, routes_ingest, routes_models, routes_predict
+from . import routes_admin, routes_ingest, routes_labels, routes_models, routes_predict
 from .api_metrics import ApiMetrics
 from .routes_common import ApiError, ApiState, api_state, error_response, json_response
 from .serving import ModelServer
@@ -190,7 +190,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     state.tasks = [asyncio.create_task(state.server.run(), name="snapshot-poller"),
-                   asyncio.create_task(_watch_redis(state), name="redis-ping")]
+                   asyncio.create_task(_watch_redis(state), name="redis-ping"),
+                   asyncio.create_task(routes_labels.watch_labels(state), name="labels")]
     try:
         yield
     finally:
@@ -231,6 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ApiMetrics()
     state = ApiState(settings=settings, metrics=metrics, server=ModelServer(settings, metrics))
+    metrics.watch_served(lambda: state.served)
     app = FastAPI(title="NormProp Stream", version="0.1.0", lifespan=_lifespan,
                   description="Online-learning NormProp models: ingest labelled samples into a "
                               "Redis stream, predict with the newest snapshot.")
@@ -240,6 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_ingest.router)
     app.include_router(routes_models.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_labels.router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is alive")
     async def healthz() -> Response:
@@ -258,7 +261,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return Response(generate_latest(api_state(request).metrics.registry),
+        st = api_state(request)
+        await routes_labels.refresh_served(st)  # model-wide figures, current at each scrape
+        return Response(generate_latest(st.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
     # Outermost last: metrics time everything, 413s included.

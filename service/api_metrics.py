@@ -5,6 +5,8 @@ and carry a ``model`` label wherever a model is involved. Two families:
 
 * ``normprop_api_*``: what this API process did (requests, predictions, ingest, snapshot loads,
   swaps, Redis reachability).
+* ``normprop_served_*``: what users actually got, from delayed labels joined to served
+  predictions; model-wide (shared counters in Redis, every replica reports the same figures).
 * ``normprop_snapshot_*``: the training state recorded in the snapshot each model is *serving*
   (samples trained, prequential metrics, per-layer input mean/std), read from its JSON
   metadata at scrape time, so one scrape of the API shows what the served model is.
@@ -23,12 +25,15 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from .serving import ServedVersion
 
-__all__ = ["ApiMetrics", "SnapshotCollector", "layer_stats_summary"]
+__all__ = ["ApiMetrics", "ServedCollector", "SnapshotCollector", "layer_stats_summary"]
 
 # Loopback predictions take ~1 ms; a slow scrape target or a cold load ~1 s.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
 _SWAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Labels arrive from seconds (clicks) to days (chargebacks) after the prediction.
+_DELAY_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0,
+                  7 * 86400.0)
 
 
 class ApiMetrics:
@@ -66,12 +71,35 @@ class ApiMetrics:
             ["model"], buckets=_SWAP_BUCKETS, registry=r)
         self.redis_up = Gauge(
             "normprop_api_redis_up", "1 if the last Redis ping succeeded, else 0.", registry=r)
+        # Delayed labels (service/routes_labels.py): what this process did.
+        self.labels_joined = Counter(
+            "normprop_api_labels_total",
+            "Labels received by this process, by result (accepted, duplicate, unknown, "
+            "invalid, backlog).", ["model", "result"], registry=r)
+        self.label_delay = Histogram(
+            "normprop_api_label_delay_seconds",
+            "From serving a prediction to joining its label (labels joined by this process).",
+            ["model"], buckets=_DELAY_BUCKETS, registry=r)
+        self.labels_expired = Counter(
+            "normprop_api_predictions_expired_total",
+            "Predictions whose label_ttl_seconds passed unlabelled, swept by this process "
+            "(the model-wide count is normprop_served_expired_total).", ["model"], registry=r)
+        self.label_store_failures = Counter(
+            "normprop_api_label_store_failures_total",
+            "Predictions answered but not kept for labels (Redis unavailable).",
+            ["model"], registry=r)
         self.snapshot_collector: SnapshotCollector | None = None
+        self.served_collector: ServedCollector | None = None
 
     def watch_models(self, served: Callable[[], dict[str, ServedVersion | None]]) -> None:
         """Export the served snapshots' version, age and training metadata at scrape time."""
         self.snapshot_collector = SnapshotCollector(served)
         self.registry.register(self.snapshot_collector)
+
+    def watch_served(self, served: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export model-wide served-prediction accuracy (shared in Redis) at scrape time."""
+        self.served_collector = ServedCollector(served)
+        self.registry.register(self.served_collector)
 
 
 def _number(value: Any) -> float | None:
@@ -193,3 +221,47 @@ class SnapshotCollector(Collector):
         yield from preq.values()
         yield layer_mean
         yield layer_std
+
+
+class ServedCollector(Collector):
+    """Served-prediction accuracy per model from the cached Redis counters (``read_served``)."""
+
+    def __init__(self, served: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._served = served
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {key: CounterMetricFamily(f"normprop_served_{key}", doc, labels=["model"])
+                    for key, doc in (
+                        ("labelled", "Served predictions joined to their label (model-wide)."),
+                        ("correct", "Labelled classification predictions that were right."),
+                        ("expired", "Served predictions whose label never came within "
+                                    "label_ttl_seconds."))}
+        pending = GaugeMetricFamily("normprop_served_pending",
+                                    "Served predictions still awaiting a label.", labels=["model"])
+        gauges = {key: GaugeMetricFamily(f"normprop_served_{key}", doc, labels=["model", "scope"])
+                  for key, doc in (
+                      ("accuracy", "Accuracy of the predictions users got, against the labels "
+                                   "that came later; scope total or window."),
+                      ("log_loss", "Log-loss of the served class probabilities; scope total or "
+                                   "window."),
+                      ("mae", "Mean absolute error of served regression values; scope total or "
+                              "window."))}
+        classification = {"accuracy", "log_loss"}
+        for model, stats in self._served().items():
+            for key, family in counters.items():
+                family.add_metric([model], float(stats.get(key, 0)))
+            pending.add_metric([model], float(stats.get("pending", 0)))
+            regression = stats.get("task") == "regression"
+            for key, family in gauges.items():
+                if (key in classification) == regression:
+                    continue
+                for scope, field in (("total", key), ("window", f"window_{key}")):
+                    v = _number(stats.get(field))
+                    if v is not None:
+                        family.add_metric([model, scope], v)
+        yield from counters.values()
+        yield pending
+        yield from gauges.values()

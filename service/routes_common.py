@@ -50,6 +50,9 @@ class ApiState:
     #: The last Redis ping's outcome; ingest answers 503 at once while it is False.
     redis_ok: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Model-wide served-prediction metrics per label-enabled model, read from Redis
+    #: (``routes_labels.refresh_served``); what /metrics and the dashboard report.
+    served: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 try:  # optional: parses and writes JSON ~5x faster than the standard library

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
                             read_json_object, require_key)
+from .routes_labels import prediction_ids, store_predictions
 from .serving import InstanceError, ModelServer, parse_instances
 
 router = APIRouter(tags=["predict"])
@@ -27,6 +28,9 @@ class PredictRequest(BaseModel):
     model: str = Field("default", description="a declared model's name")
     instances: list[list[Any]] = Field(..., description="one or more instances, at most "
                                        "NP_MAX_INSTANCES", examples=[[[0.0] * 4]])
+    ids: list[str] | None = Field(None, description="optional: your id per instance, for "
+                                  "POST /label (made and returned when the model keeps "
+                                  "predictions for labels)")
 
 
 class Prediction(BaseModel):
@@ -34,18 +38,22 @@ class Prediction(BaseModel):
     probabilities: list[float] | None = Field(None, description="classification: per class")
     value: float | None = Field(None, description="regression with one target")
     values: list[float] | None = Field(None, description="regression with several targets")
+    id: str | None = Field(None, description="the id to label this prediction with")
 
 
 class PredictResponse(BaseModel):
     model: str
     version: int = Field(..., description="the snapshot version that answered every instance")
     predictions: list[Prediction]
+    stored_for_labels: bool | None = Field(None, description="models with label_ttl_seconds: "
+                                           "false if Redis was down (cannot be labelled)")
 
 
 @router.post("/predict", response_model=PredictResponse, summary="Predict with a model",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": inline_schema(PredictRequest.model_json_schema())}}}},
              responses={404: {"description": "unknown model"},
+                        409: {"description": "an id already awaits a label or was labelled"},
                         422: {"description": "bad instances (names the instance and reason)"},
                         503: {"description": "the model has no snapshot yet"}})
 async def predict(request: Request) -> Response:
@@ -79,6 +87,12 @@ async def predict(request: Request) -> Response:
         out = ModelServer.infer(served, x, slot.config)
     else:
         out = await anyio.to_thread.run_sync(ModelServer.infer, served, x, slot.config)
+    ids = None
+    stored = None
+    if "ids" in body or slot.config.label_ttl_seconds is not None:
+        ids = prediction_ids(body, n)
+        if slot.config.label_ttl_seconds is not None:
+            stored = await store_predictions(state, slot, served, x, out, ids)
     state.metrics.predictions.labels(slot.name).inc(n)
     if slot.config.task == "classification":
         labels = out.argmax(axis=1).tolist()
@@ -87,5 +101,12 @@ async def predict(request: Request) -> Response:
         predictions = [{"value": v} for v in out[:, 0].tolist()]
     else:
         predictions = [{"values": v} for v in out.tolist()]
-    return json_response({"model": slot.name, "version": served.version,
-                          "predictions": predictions})
+    response: dict[str, Any] = {"model": slot.name, "version": served.version,
+                                "predictions": predictions}
+    if ids is not None:
+        for p, pid in zip(predictions, ids):
+            p["id"] = pid
+    if stored is not None:
+        # False: Redis was unavailable; answered, but these cannot be labelled later.
+        response["stored_for_labels"] = stored
+    return json_response(response)
