@@ -159,3 +159,28 @@ def test_train_step_projects_after_every_step():
     train_step(net, opt, x, y, project=False)
     norms = torch.cat([layer.weight.norm(dim=1) for layer in normprop_layers(net)])
     assert (norms - 1).abs().max() > 1e-4  # without the projection the norms drift
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=5, padding=2), dict(kernel_size=1, padding=2),
+                                      dict(kernel_size=3, stride=2, padding=1),
+                                      dict(kernel_size=3, padding=(0, 1))])
+def test_folded_conv_equals_conv_plus_bias_map(geometry):
+    """The border-only correction adds exactly the bias map, whatever the padding geometry."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **geometry).double()
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    out_shape = conv(x).shape[1:]
+    # A map like fold() makes: the constant image (with padding) through the conv, plus a bias.
+    const = torch.randn(1, 3, 1, 1, dtype=torch.float64).expand(1, 3, 9, 8)
+    bias_map = conv._conv_forward(const, conv.weight, None)[0] + torch.randn(4, 1, 1,
+                                                                             dtype=torch.float64)
+    assert bias_map.shape == out_shape
+    folded = FoldedConv2d(conv, conv.weight.detach(), bias_map)
+    want = conv._conv_forward(x, conv.weight, None) + bias_map
+    assert torch.allclose(folded(x), want, rtol=0, atol=1e-12)
+    # Any map (no constant interior) falls back to adding it whole; reloading it is picked up.
+    state = folded.state_dict()
+    state["bias_map"] = torch.randn(out_shape, dtype=torch.float64)
+    folded.load_state_dict(state)
+    want = conv._conv_forward(x, conv.weight, None) + state["bias_map"]
+    assert torch.allclose(folded(x), want, rtol=0, atol=1e-12)
