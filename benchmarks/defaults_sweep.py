@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--streams", default=",".join(STREAMS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tables", default="grid,momentum,linear,arch,clip",
+                        help="which tables: grid, momentum, linear, arch, clip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     streams = load_streams(args.streams.split(","))
@@ -145,14 +147,21 @@ def main() -> None:
     print(f"# defaults sweep: one-pass prequential accuracy; torch {torch.__version__}; "
           f"lr scaled by sqrt(batch); data_norm={default.data_norm}, clip={default.clip}, "
           f"weight_decay={default.weight_decay}")
-    sweep(streams, lrs, [1, 16, 64], f"{default.spec}, momentum 0.9 (lr x batch)",
-          spec=default.spec, momentum=0.9)
-    sweep(streams, lrs, [1], f"{default.spec}, momentum 0 (batch 1)", spec=default.spec,
-          momentum=0.0)
-    if not args.quick:
-        sweep(streams, [0.003, 0.01], [1], "mlp:128,128, momentum 0.9 (batch 1)",
+    tables = set(args.tables.split(","))
+    if "grid" in tables:
+        sweep(streams, lrs, [1, 16, 64], f"{default.spec}, momentum 0.9, sqrt scaling "
+              "(lr x batch)", spec=default.spec, momentum=0.9, lr_scaling="sqrt")
+    if "momentum" in tables:
+        sweep(streams, lrs, [1], f"{default.spec}, momentum 0 (batch 1)", spec=default.spec,
+              momentum=0.0)
+    if "linear" in tables:
+        sweep(streams, [0.0005, 0.001, 0.002], [16, 64], f"{default.spec}, momentum 0.9, "
+              "linear scaling", spec=default.spec, momentum=0.9, lr_scaling="linear")
+    if "arch" in tables and not args.quick:
+        sweep(streams, [0.001, 0.003], [1], "mlp:128,128, momentum 0.9 (batch 1)",
               spec="mlp:128,128", momentum=0.9)
-        sweep(streams, [0.003], [1, 64], f"{default.spec}, momentum 0.9, no input clipping",
+    if "clip" in tables and not args.quick:
+        sweep(streams, [0.001], [1, 64], f"{default.spec}, momentum 0.9, no input clipping",
               spec=default.spec, momentum=0.9, clip=None)
     print(f"\n# {time.time() - started:.0f} s")
 

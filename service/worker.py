@@ -441,6 +441,7 @@ class ModelWorker:
             self._renew_lease_if_due()
             self._maybe_checkpoint()
         self._forget_idle_consumers()
+        self.flush_acks(trim=True)
         self.needs_recovery = False
 
     def _is_covered(self, eid: bytes) -> bool:
@@ -707,11 +708,17 @@ class ModelWorker:
         for i in range(0, len(self.unacked), _ACK_CHUNK):
             pipe.xack(self.stream, self.group, *self.unacked[i:i + _ACK_CHUNK])
         pipe.xpending(self.stream, self.group)
-        summary = pipe.execute()[-1]
+        pipe.xinfo_groups(self.stream)
+        *_, summary, groups = pipe.execute()
         self.unacked = []
-        # Everything at or below the high-water mark is trained and checkpointed, dead-lettered,
-        # or still pending; the smallest pending ID (if any) bounds the trim from below.
-        threshold = (self.high_water[0], self.high_water[1] + 1)
+        # An entry the group delivered and that is no longer pending was acked, and acked means
+        # covered by a written checkpoint or dead-lettered (or a redelivery of either). So
+        # everything below min(smallest pending ID, last delivered ID + 1) is finished -- also
+        # a dead letter a crashed predecessor acked after its last checkpoint.
+        group = next((g for g in groups if g.get("name") in (self.group, self.group.encode())),
+                     None)
+        delivered = parse_id(group["last-delivered-id"]) if group else self.high_water
+        threshold = (delivered[0], delivered[1] + 1)
         pending = int(summary.get("pending", 0) or 0)
         if pending:
             threshold = min(threshold, parse_id(summary["min"]))
