@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     #: The dashboard's history: one point per model every this many seconds, this many kept.
     dashboard_sample_seconds: float = Field(1.0, gt=0)
     dashboard_history: int = Field(600, ge=2, le=100_000)
+    #: Optional: the worker's /metrics (e.g. http://worker:9100/metrics); the dashboard then
+    #: shows the exact batch-size mix from its histogram, else the mean batch per checkpoint.
+    dashboard_worker_metrics_url: str | None = None
 
     @model_validator(mode="after")
     def _load_models_file(self) -> Settings:
