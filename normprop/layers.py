@@ -57,13 +57,22 @@ def _row_norms(weight: Tensor) -> Tensor:
 # Tests check both against autograd through the plain formula in float64.
 
 
+def _norms_of(flat: Tensor, unit_rows: bool) -> Tensor:
+    """Row norms of a 2-D weight; ones when the caller knows the rows are unit (see
+    :meth:`NormPropLayer.rows_known_unit`)."""
+    if unit_rows:
+        return torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    return torch.linalg.vector_norm(flat, dim=1)
+
+
 class _NormalizedRows(torch.autograd.Function):
     """``V_i = gamma_i W_i / (||W_i|| + eps)`` (the weight-side pass of eq. 9 / 11)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, gamma: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, gamma: Tensor, eps: float,  # type: ignore[override]
+                unit_rows: bool = False) -> Tensor:
         flat = weight.flatten(1)
-        norms = torch.linalg.vector_norm(flat, dim=1)
+        norms = _norms_of(flat, unit_rows)
         r = norms + eps
         k = gamma / r
         ctx.save_for_backward(weight, norms, r, k)
@@ -83,7 +92,7 @@ class _NormalizedRows(torch.autograd.Function):
             d_weight = d_weight.view_as(weight)
         if ctx.needs_input_grad[1]:
             d_gamma = dot / r
-        return d_weight, d_gamma, None
+        return d_weight, d_gamma, None, None
 
 
 class _ShiftedRelu(torch.autograd.Function):
@@ -120,8 +129,8 @@ class _NormPropLinearRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float,  # type: ignore[override]
-                inv_c1: float, c2: float, floor: float | None) -> Tensor:
-        norms = torch.linalg.vector_norm(weight, dim=1)
+                inv_c1: float, c2: float, floor: float | None, unit_rows: bool = False) -> Tensor:
+        norms = _norms_of(weight, unit_rows)
         r = norms + eps
         k = gamma * (inv_c1 / r)
         z = x.mm(weight.t())  # W_i . x
@@ -155,7 +164,7 @@ class _NormPropLinearRows(torch.autograd.Function):
                 d_w.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
         if need_beta:
             d_beta = grad.sum(0) * ctx.inv_c1
-        return d_x, d_w, d_gamma, d_beta, None, None, None, None
+        return d_x, d_w, d_gamma, d_beta, None, None, None, None, None
 
 
 # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1): the
@@ -163,6 +172,16 @@ class _NormPropLinearRows(torch.autograd.Function):
 # clamp -- the op count of a plain Linear + ReLU.
 _RELU_STATS = activation_stats("relu")
 _RELU_FOLD = (1.0 / _RELU_STATS.std, _RELU_STATS.mean, -_RELU_STATS.mean / _RELU_STATS.std)
+
+
+def _mark_unit_rows_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: rows saved after a projection are unit to rounding; mark them
+    so a loaded model computes bit for bit what the saved one did."""
+    with torch.no_grad():
+        norms = module.weight.flatten(1).norm(dim=1)
+        tol = 8 * torch.finfo(norms.dtype).eps
+        if bool(((norms - 1).abs() <= tol).all()):
+            module.mark_unit_rows_()
 
 
 class NormPropLayer:
@@ -195,6 +214,26 @@ class NormPropLayer:
         self.gamma_init = float(default_gamma if gamma_init is None else gamma_init)
         self.gamma = nn.Parameter(torch.full((out_features,), self.gamma_init))
         self.beta = nn.Parameter(torch.zeros(out_features))
+
+    def mark_unit_rows_(self) -> None:
+        """Record that every row of ``weight`` has unit norm *now* (called by
+        :func:`~normprop.training.project_weights_` and at initialisation)."""
+        self._unit_rows_key = (self.weight._version, self.weight.data_ptr())
+
+    def rows_known_unit(self) -> bool:
+        """Whether the weight is unchanged since :meth:`mark_unit_rows_`: same storage and
+        the same autograd version counter. While it is, the forward uses ``||W_i|| = 1`` instead
+        of reading the weight once more for the norm.
+
+        Any tracked change -- an optimiser step, an in-place edit (also under ``no_grad``),
+        ``.to()``, a new ``Parameter`` -- makes it ``False`` and the forward takes the norm
+        again, so eq. 9 / 11 stay exact. ``load_state_dict`` marks the rows unit again when
+        every norm is within 8 ulps of 1 (weights saved after a projection). The one untracked
+        route is an in-place edit through ``weight.data``; call
+        :func:`~normprop.training.project_weights_` after one.
+        """
+        return getattr(self, "_unit_rows_key", None) == (self.weight._version,
+                                                          self.weight.data_ptr())
 
     @property
     def _fused_relu(self) -> tuple[float, float, float] | None:
@@ -280,6 +319,8 @@ class NormPropLinear(nn.Linear, NormPropLayer):
         self._init_normprop(out_features, activation, gamma_init, **activation_params)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+        self.mark_unit_rows_()  # reset_parameters() made the rows unit
+        self.register_load_state_dict_post_hook(_mark_unit_rows_after_load)
 
     def reset_parameters(self) -> None:
         glorot_normal_(self.weight, self.in_features, self.out_features)
@@ -295,12 +336,14 @@ class NormPropLinear(nn.Linear, NormPropLayer):
             # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
             inv_c1, c2, floor = self._fused_relu or (1.0, 0.0, None)
             out = _NormPropLinearRows.apply(x.reshape(rows, self.in_features), self.weight,
-                                            self.gamma, self.beta, self.eps, inv_c1, c2, floor)
+                                            self.gamma, self.beta, self.eps, inv_c1, c2, floor,
+                                            self.rows_known_unit())
             out = out.view(*x.shape[:-1], self.out_features)
             return out if self._fused_relu is not None else self._activate(out)
         # gamma_i (W_i . x)/||W_i|| + beta_i as one matmul with a scaled weight and fused bias.
         gamma, beta = self._scaled_affine()
-        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps), beta)
+        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps,
+                                                self.rows_known_unit()), beta)
         return self._finish(pre)
 
     def extra_repr(self) -> str:
@@ -349,6 +392,8 @@ class NormPropConv2d(nn.Conv2d, NormPropLayer):
         self._init_normprop(out_channels, activation, gamma_init, **activation_params)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+        self.mark_unit_rows_()  # reset_parameters() made the rows unit
+        self.register_load_state_dict_post_hook(_mark_unit_rows_after_load)
 
     def reset_parameters(self) -> None:
         receptive = self.weight[0][0].numel()
@@ -364,5 +409,6 @@ class NormPropConv2d(nn.Conv2d, NormPropLayer):
             return self._composite_forward(x)
         # gamma_i (W_i * x)/||W_i||_F + beta_i: the scale goes on the filters, O(parameters).
         gamma, beta = self._scaled_affine()
-        pre = self._conv_forward(x, _NormalizedRows.apply(self.weight, gamma, self.eps), beta)
+        weight = _NormalizedRows.apply(self.weight, gamma, self.eps, self.rows_known_unit())
+        pre = self._conv_forward(x, weight, beta)
         return self._finish(pre)

@@ -54,6 +54,10 @@ def project_weights_(model: nn.Module, eps: float = 1e-12) -> nn.Module:
     flat = [w.view(w.shape[0], -1) for w in weights]
     norms = [f.norm(dim=1, keepdim=True).clamp_min_(eps) for f in flat]
     torch._foreach_div_(flat, norms)
+    for m in layers:
+        # Lets the next forward skip ||W_i|| (= 1) until the weight changes again. An all-zero
+        # row stays zero and is then treated as a unit row: its output is 0 either way.
+        m.mark_unit_rows_()
     return model
 
 

@@ -232,3 +232,47 @@ def test_replacing_the_activation_module_is_respected():
     layer.activation = Activation("tanh").double()
     x = torch.randn(3, 6, dtype=torch.float64)
     assert torch.allclose(layer(x), reference(layer, x), atol=1e-12)
+
+
+def test_unit_row_shortcut_is_exact_or_invalidated():
+    """After a projection the forward skips ||W_i|| (= 1); every tracked change re-enables it."""
+    import copy
+    import pickle
+
+    from normprop import paper_optimizer, project_weights_
+
+    torch.manual_seed(0)
+    layer = NormPropLinear(16, 8).double()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    assert not layer.rows_known_unit()  # .double() made new storage: not known until projected
+    project_weights_(layer)
+    assert layer.rows_known_unit()
+    assert torch.allclose(layer(x), reference(layer, x), atol=1e-12)
+    # An optimiser step changes the rows: the norm is taken again, so the output stays eq. 9.
+    opt = paper_optimizer(layer, lr=0.5)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    assert not layer.rows_known_unit()
+    assert torch.allclose(layer(x), reference(layer, x), atol=1e-12)
+    project_weights_(layer)
+    with torch.no_grad():  # a user's in-place edit
+        layer.weight[0].mul_(3.0)
+    assert not layer.rows_known_unit()
+    assert torch.allclose(layer(x), reference(layer, x), atol=1e-12)
+    # load_state_dict: unit rows are recognised, others are not.
+    project_weights_(layer)
+    unit_state = copy.deepcopy(layer.state_dict())
+    fresh = NormPropLinear(16, 8).double()
+    fresh.load_state_dict(unit_state)
+    assert fresh.rows_known_unit() and torch.equal(fresh(x), layer(x))
+    scaled = {k: (v * 2 if k == "weight" else v) for k, v in unit_state.items()}
+    fresh.load_state_dict(scaled)
+    assert not fresh.rows_known_unit()
+    assert torch.allclose(fresh(x), reference(fresh, x), atol=1e-12)
+    # Copies have their own storage; they recompute the norm until projected.
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.allclose(clone(x), layer(x), atol=1e-12)
+    # The untracked route: .data edits. project_weights_ afterwards restores the invariant.
+    layer.weight.data.mul_(2.0)
+    project_weights_(layer)
+    assert torch.allclose(layer(x), reference(layer, x), atol=1e-12)
