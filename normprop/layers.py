@@ -130,22 +130,32 @@ class _NormPropLinearRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float,  # type: ignore[override]
                 inv_c1: float, c2: float, floor: float | None, unit_rows: bool = False) -> Tensor:
-        norms = _norms_of(weight, unit_rows)
-        r = norms + eps
+        # Known unit rows (n_i = 1): r is the scalar 1 + eps, no per-row tensors.
+        norms = None if unit_rows else torch.linalg.vector_norm(weight, dim=1)
+        r = 1.0 + eps if norms is None else norms + eps
         k = gamma * (inv_c1 / r)
         z = x.mm(weight.t())  # W_i . x
         shift = beta if inv_c1 == 1.0 and c2 == 0.0 else (beta - c2) * inv_c1
         out = torch.addcmul(shift, z, k)
         if floor is not None:
             out.clamp_min_(floor)
-        ctx.save_for_backward(x, weight, z, norms, r, k, out)
+        if norms is None:
+            ctx.save_for_backward(x, weight, z, k, out)
+            ctx.r = r
+        else:
+            ctx.save_for_backward(x, weight, z, k, out, norms, r)
         ctx.inv_c1, ctx.floor = inv_c1, floor
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, z, norms, r, k, out = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, weight, z, k, out = saved[:5]
+        if len(saved) == 5:  # unit rows: n_i = 1, r_i = 1 + eps
+            r, norms = ctx.r, None
+        else:
+            norms, r = saved[5:]
         if ctx.floor is not None:
             # relu'(p) = 1(p > 0), and p > 0 exactly where the clamp did not bite.
             grad = torch.ops.aten.threshold_backward(grad, out, ctx.floor)
@@ -160,7 +170,10 @@ class _NormPropLinearRows(torch.autograd.Function):
                 d_gamma = s * (ctx.inv_c1 / r)
             if need_w:
                 d_w = gz.t().mm(x)
-                coef = k * s / (r * norms.clamp_min(torch.finfo(norms.dtype).tiny))
+                if norms is None:
+                    coef = k * s / r
+                else:
+                    coef = k * s / (r * norms.clamp_min(torch.finfo(norms.dtype).tiny))
                 d_w.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
         if need_beta:
             d_beta = grad.sum(0) * ctx.inv_c1

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normprop import NormPropConv2d, NormPropLinear, activation_stats
+from normprop import NormPropConv2d, NormPropLinear, activation_stats, project_weights_
 
 torch.set_default_dtype(torch.float32)
 
@@ -90,8 +90,12 @@ LINEAR_CASES = [
 def test_linear_fast_path_matches_autograd_float64(activation, params, shape, unit_rows):
     torch.manual_seed(0)
     layer = NormPropLinear(17, 11, activation=activation, **params).double()
-    if not unit_rows:
-        scramble_(layer, seed=1)
+    scramble_(layer, seed=1)
+    if unit_rows:  # projected: the forward then skips ||W_i|| (rows_known_unit)
+        project_weights_(layer)
+        assert layer.rows_known_unit()
+    else:
+        assert not layer.rows_known_unit()
     assert_matches_reference(layer, torch.randn(*shape, dtype=torch.float64))
 
 
@@ -107,10 +111,14 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("kwargs", CONV_CASES, ids=[str(k) for k in CONV_CASES])
 @pytest.mark.parametrize("activation", ["relu", None, "tanh", "prelu"])
-def test_conv_matches_eq_11_with_stride_padding_groups(kwargs, activation):
+@pytest.mark.parametrize("unit_rows", [True, False])
+def test_conv_matches_eq_11_with_stride_padding_groups(kwargs, activation, unit_rows):
     torch.manual_seed(0)
     layer = NormPropConv2d(4, 8, activation=activation, **kwargs).double()
     scramble_(layer, seed=2)
+    if unit_rows:
+        project_weights_(layer)
+        assert layer.rows_known_unit()
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
     # Same geometry as a plain convolution with the same arguments.
     plain = nn.Conv2d(4, 8, **kwargs).double()
