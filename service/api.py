@@ -1,9 +1,11 @@
 """The HTTP API: one app factory with a lifespan (the full-stack FastAPI template's shape).
 
 ``create_app(settings)`` builds the app; its lifespan limits torch's threads, loads every
-model's newest valid snapshot, opens the Redis client, and starts two background tasks: the
-snapshot poller (hot swap, :mod:`service.serving`) and a Redis ping that keeps
-``normprop_api_redis_up`` current. Routes live in ``service/routes_*.py``.
+model's newest valid snapshot (or the pinned one), opens the Redis client, and starts the
+background tasks: the snapshot poller (hot swap and pins, :mod:`service.serving`), a Redis ping
+that keeps ``normprop_api_redis_up`` current, the delayed-label expiry sweep and served-metrics
+refresh (:mod:`service.routes_labels`), and the dashboard's sampler (:mod:`service.dashboard`).
+Routes live in ``service/routes_*.py`` and ``service/dashboard.py``.
 
 Run it with ``python -m service api``, or
 ``python -m uvicorn --factory service.api:create_app``.
@@ -33,7 +35,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import routes_admin, routes_ingest, routes_labels, routes_models, routes_predict
+from . import dashboard, routes_admin, routes_ingest, routes_labels, routes_models, routes_predict
 from .api_metrics import ApiMetrics
 from .routes_common import ApiError, ApiState, api_state, error_response, json_response
 from .serving import ModelServer
@@ -191,7 +193,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     state.tasks = [asyncio.create_task(state.server.run(), name="snapshot-poller"),
                    asyncio.create_task(_watch_redis(state), name="redis-ping"),
-                   asyncio.create_task(routes_labels.watch_labels(state), name="labels")]
+                   asyncio.create_task(routes_labels.watch_labels(state), name="labels"),
+                   asyncio.create_task(dashboard.watch_dashboard(state, app.state.np_dashboard),
+                                       name="dashboard")]
     try:
         yield
     finally:
@@ -237,12 +241,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Online-learning NormProp models: ingest labelled samples into a "
                               "Redis stream, predict with the newest snapshot.")
     app.state.np = state
+    app.state.np_dashboard = dashboard.DashboardHistory(settings.dashboard_history)
     _install_error_handlers(app)
     app.include_router(routes_predict.router)
     app.include_router(routes_ingest.router)
     app.include_router(routes_models.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_labels.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is alive")
     async def healthz() -> Response:

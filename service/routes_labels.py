@@ -235,38 +235,92 @@ def _error(pid: Any, status: int, code: str, message: str) -> dict[str, Any]:
     return {"id": pid, "status": status, "result": code, "message": message}
 
 
-async def _join(state: ApiState, slot: ModelSlot, pid: str, y: Any,
-                stored: dict[bytes, bytes]) -> dict[str, Any]:
-    """Run the join script for one label whose prediction hash was read as ``stored``."""
+def _join_call(state: ApiState, slot: ModelSlot, pid: str, y: Any,
+               stored: dict[bytes, bytes]) -> tuple[list[str], list[Any], int]:
+    """KEYS and ARGV of :data:`LABEL_SCRIPT` for one label whose prediction read as
+    ``stored`` (empty: the script only reports 409 or 404), and whether it was correct."""
     model = slot.name
     ttl = slot.config.label_ttl_seconds or 0.0
-    for _ in range(3):
-        if not stored:
-            token, correct, loss, err = "", 0, 0.0, 0.0
-            fields: dict[str, bytes] = {}
-        else:
-            correct, loss, err = _score(slot, stored, y)
-            x = np.frombuffer(stored[b"x"], dtype="<f4")
-            token = stored[b"t"].decode()
-            fields = slot.codec.encode(x, y, binary=True, sample_id=pid)
-        argv: list[Any] = [pid, token, max(1000, int(ttl * 1000)), state.settings.max_backlog,
-                           SERVED_WINDOW, correct, repr(loss), repr(err)]
-        for k, v in fields.items():
-            argv += [k, v]
-        if not fields:
-            argv += ["y", "0"]  # never written: the script stops before XADD without a token
-        status, sid, delay = await _run_script(
-            state, LABEL_SCRIPT,
-            [keys.prediction_key(model, pid), keys.labelled_key(model, pid),
+    token, correct, loss, err = "", 0, 0.0, 0.0
+    fields: dict[str, bytes] = {"y": b"0"}  # never written without a token
+    if stored:
+        correct, loss, err = _score(slot, stored, y)
+        x = np.frombuffer(stored[b"x"], dtype="<f4")
+        token = stored[b"t"].decode()
+        fields = slot.codec.encode(x, y, binary=True, sample_id=pid)
+    argv: list[Any] = [pid, token, max(1000, int(ttl * 1000)), state.settings.max_backlog,
+                       SERVED_WINDOW, correct, repr(loss), repr(err)]
+    for k, v in fields.items():
+        argv += [k, v]
+    keys_ = [keys.prediction_key(model, pid), keys.labelled_key(model, pid),
              keys.pending_predictions(model), keys.samples_stream(model),
-             keys.served_totals(model), keys.served_window(model)], argv)
-        status = status.decode() if isinstance(status, bytes) else str(status)
-        sid = sid.decode() if isinstance(sid, bytes) else str(sid)
-        if status == "changed":  # stored again under the same id between our read and join
-            assert state.redis is not None
-            stored = await state.redis.hgetall(keys.prediction_key(model, pid))
-            continue
-        break
+             keys.served_totals(model), keys.served_window(model)]
+    return keys_, argv, correct
+
+
+async def _run_scripts(state: ApiState, script: str,
+                       calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    """Many calls of one script in one pipelined round trip (each call atomic on its own)."""
+    assert state.redis is not None
+    results: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        sha = _SHAS.get(script)
+        if sha is None or attempt:
+            sha = _SHAS[script] = await state.redis.script_load(script)
+        async with state.redis.pipeline(transaction=False) as pipe:
+            for i in todo:
+                keys_, argv = calls[i]
+                pipe.evalsha(sha, len(keys_), *keys_, *argv)
+            out = await pipe.execute(raise_on_error=False)
+        missing = []
+        for i, r in zip(todo, out):
+            if isinstance(r, NoScriptError):  # Redis restarted: load it and run those again
+                missing.append(i)
+            elif isinstance(r, Exception):
+                raise r
+            else:
+                results[i] = r
+        if not missing:
+            break
+        todo = missing
+    else:
+        raise NoScriptError("the label script could not be loaded")
+    return results
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def _join_all(state: ApiState, slot: ModelSlot, todo: list[tuple[int, str, Any]]
+                    ) -> list[dict[str, Any]]:
+    """Join every label in one read and one script round trip; per-item results."""
+    assert state.redis is not None
+    model = slot.name
+    async with state.redis.pipeline(transaction=False) as pipe:
+        for _, pid, _ in todo:
+            pipe.hgetall(keys.prediction_key(model, pid))
+        stored: list[dict[bytes, bytes]] = await pipe.execute()
+    calls = [_join_call(state, slot, pid, y, s) for (_, pid, y), s in zip(todo, stored)]
+    replies = await _run_scripts(state, LABEL_SCRIPT, [(k, a) for k, a, _ in calls])
+    for j, reply in enumerate(replies):
+        for _ in range(3):  # stored again under the same id between our read and the join
+            if _text(reply[0]) != "changed":
+                break
+            _, pid, y = todo[j]
+            stored[j] = await state.redis.hgetall(keys.prediction_key(model, pid))
+            calls[j] = _join_call(state, slot, pid, y, stored[j])
+            reply = (await _run_scripts(state, LABEL_SCRIPT, [calls[j][:2]]))[0]
+        replies[j] = reply
+    return [_result(state, slot, pid, stored[j], calls[j][2], replies[j])
+            for j, (_, pid, _) in enumerate(todo)]
+
+
+def _result(state: ApiState, slot: ModelSlot, pid: str, stored: dict[bytes, bytes],
+            correct: int, reply: Any) -> dict[str, Any]:
+    status, sid, delay = (_text(v) for v in reply)
+    model = slot.name
     m = state.metrics
     if status == "ok":
         delay_s = int(delay) / 1000.0
@@ -286,6 +340,7 @@ async def _join(state: ApiState, slot: ModelSlot, pid: str, y: Any,
         return _error(pid, 429, "backlog_full", "the training stream's backlog is full; the "
                       "prediction is kept, retry later")
     m.labels_joined.labels(model, "unknown").inc()
+    ttl = slot.config.label_ttl_seconds or 0.0
     return _error(pid, 404, "unknown_id", f"no prediction {pid[:80]!r} awaits a label: never "
                   f"made, or older than label_ttl_seconds={ttl:g} (expired)")
 
@@ -340,12 +395,7 @@ async def label(request: Request) -> Response:
         todo.append((i, pid, y.tolist() if isinstance(y, np.ndarray) else y))
     if todo:
         try:
-            async with state.redis.pipeline(transaction=False) as pipe:
-                for _, pid, _ in todo:
-                    pipe.hgetall(keys.prediction_key(slot.name, pid))
-                stored = await pipe.execute()
-            joined = await asyncio.gather(*(_join(state, slot, pid, y, s)
-                                            for (_, pid, y), s in zip(todo, stored)))
+            joined = await _join_all(state, slot, todo)
         except (RedisError, OSError) as exc:
             raise ApiError(503, "redis_unavailable", f"Redis failed ({type(exc).__name__}); "
                            "labels already joined stay joined, retrying the rest is safe",

@@ -8,7 +8,7 @@ join is atomic, exactly one wins). Then:
   responses it received, and the labelled/expired counts match;
 * every labelled id is trained exactly once: the worker's snapshot ledgers hold exactly the
   stream entries ``/label`` returned, each once, and ``samples_trained`` equals their number;
-* the model learns from labels alone (served window accuracy well above chance).
+* the model learns from the labels alone (held-out accuracy well above chance after one pass).
 """
 
 from __future__ import annotations
@@ -149,7 +149,6 @@ def test_predict_then_label_two_apis(redis_server, tmp_path: Path) -> None:  # t
             assert metric_value(m, "normprop_served_expired_total", model="default") == 0
             assert metric_value(m, "normprop_served_pending", model="default") == 0
         window_acc = metric_value(m, "normprop_served_accuracy", model="default", scope="window")
-        last = list(served.values())[-1000:]
         print(f"\n{n} predict-then-label in {elapsed:.1f}s; served accuracy total "
               f"{correct / n:.3f}, window {window_acc:.3f}; {raced} raced labels")
 
@@ -171,8 +170,17 @@ def test_predict_then_label_two_apis(redis_server, tmp_path: Path) -> None:  # t
         assert len(ledger) == len(set(ledger)) == n
         assert set(ledger) == set(accepted.values())
         assert sum(meta.get("dead_letters", {}).values()) == 0
-        # Served accuracy rose as the model learnt from labels only (chance is 0.1).
-        assert sum(p == y for p, y in last) / len(last) > 0.5
+        # The model learnt from the labels alone: held-out digits, newest version (chance 0.1).
+        deadline = time.monotonic() + 10
+        while httpx.get(apis[0].url + "/models/default").json()["version"] < latest:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        held_x, held_y = x_all[n:], y_all[n:]
+        pred = httpx.post(apis[0].url + "/predict", json={"instances": held_x.tolist()},
+                          timeout=30).json()["predictions"]
+        held_acc = float(np.mean([p["label"] == t for p, t in zip(pred, held_y)]))
+        print(f"held-out accuracy after one pass over {n} labels: {held_acc:.3f}")
+        assert held_acc > 0.3  # one pass, batches up to 16: well above chance, not converged
     finally:
         for a in apis:
             a.stop()
