@@ -165,7 +165,7 @@ def test_train_step_projects_after_every_step():
                                       dict(kernel_size=3, stride=2, padding=1),
                                       dict(kernel_size=3, padding=(0, 1))])
 def test_folded_conv_equals_conv_plus_bias_map(geometry):
-    """The border-only correction adds exactly the bias map, whatever the padding geometry."""
+    """FoldedConv2d adds exactly the bias map, whatever the padding geometry."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, **geometry).double()
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
@@ -178,7 +178,7 @@ def test_folded_conv_equals_conv_plus_bias_map(geometry):
     folded = FoldedConv2d(conv, conv.weight.detach(), bias_map)
     want = conv._conv_forward(x, conv.weight, None) + bias_map
     assert torch.allclose(folded(x), want, rtol=0, atol=1e-12)
-    # Any map (no constant interior) falls back to adding it whole; reloading it is picked up.
+    # Without pad_value the map is added whole; reloading a map is picked up.
     state = folded.state_dict()
     state["bias_map"] = torch.randn(out_shape, dtype=torch.float64)
     folded.load_state_dict(state)
