@@ -118,6 +118,9 @@ async def pin_version(request: Request, name: str) -> Response:
     try:
         served = await server.pin(slot.name, version)
     except SnapshotError as exc:
+        if not await anyio.to_thread.run_sync(slot.store.path(version).exists):
+            raise ApiError(404, "unknown_version", f"v{version} of {slot.name!r} was deleted "
+                           "by retention meanwhile; nothing was pinned") from None
         raise ApiError(422, "invalid_snapshot", f"v{version} fails validation and was not "
                        f"pinned (v{slot.current.version if slot.current else '-'} keeps "
                        f"serving): {exc}") from None

@@ -338,6 +338,20 @@ class ModelServer:
         if served is not None:
             self._swap(slot, dataclasses.replace(served, pinned=True))
 
+    async def _follow_newest_again(self, slot: ModelSlot) -> None:
+        """After an unpin: the newest valid version, even if it is below the one pinned."""
+        assert slot.current is not None
+        for version in reversed(await anyio.to_thread.run_sync(slot.store.versions)):
+            if version == slot.current.version:
+                break
+            if version in slot.failed:
+                continue
+            served = await self._load(slot, version)
+            if served is not None:
+                self._swap(slot, served)
+                return
+        slot.current = dataclasses.replace(slot.current, pinned=False)
+
     async def _refresh_slot(self, slot: ModelSlot) -> None:
         pinned = await anyio.to_thread.run_sync(slot.store.pinned_version)
         if pinned is not None:
@@ -346,14 +360,11 @@ class ModelServer:
                 return
             # The pinned version does not load here and nothing serves yet: the newest valid
             # one is better than no answer (the error is in GET /models/{name}).
+        if slot.current is not None and slot.current.pinned:
+            await self._follow_newest_again(slot)
+            return
         latest = await anyio.to_thread.run_sync(slot.store.latest_version)
         current = slot.current.version if slot.current else 0
-        if slot.current is not None and slot.current.pinned and latest is not None:
-            # Unpinned: follow the newest again, even if it is below the version pinned.
-            if latest == current:
-                slot.current = dataclasses.replace(slot.current, pinned=False)
-                return
-            current = 0 if latest < current else current
         if latest is None or latest <= current or latest in slot.failed:
             return
         candidates = [latest]

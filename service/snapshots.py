@@ -24,6 +24,8 @@ and the API's snapshot (it loads ``model.*`` only, after validating it against i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -31,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -238,21 +240,33 @@ class SnapshotStore:
         except ValueError:
             return None
 
+    @contextlib.contextmanager
+    def _pin_lock(self) -> Iterator[None]:
+        """Excludes :meth:`pin` and :meth:`prune` (an advisory ``flock``), so a version cannot
+        be pinned while retention deletes it."""
+        fd = os.open(self.dir / ".pin.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def pin(self, version: int) -> None:
         """Pin ``version`` (atomically, by rename); :class:`SnapshotError` if it is not on disk."""
-        if not self.path(version).exists():
-            raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist")
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-pinned-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{version}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._pinned)
-            _fsync_dir(self.dir)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self._pin_lock():
+            if not self.path(version).exists():
+                raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist")
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-pinned-")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{version}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._pinned)
+                _fsync_dir(self.dir)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def unpin(self) -> None:
         """Follow the newest version again (no-op if nothing is pinned)."""
@@ -262,14 +276,15 @@ class SnapshotStore:
     def prune(self, keep: int, protect: set[int] | None = None) -> list[int]:
         """Delete all but the newest ``keep`` versions (never one in ``protect``, never the
         pinned version, whatever ``protect`` says)."""
-        versions = self.versions()
-        protect = set(protect or ())
-        pinned = self.pinned_version()
-        if pinned is not None:
-            protect.add(pinned)
-        doomed = [v for v in versions[:-keep] if v not in protect] if keep > 0 else []
-        for v in doomed:
-            self.path(v).unlink(missing_ok=True)
+        with self._pin_lock():
+            versions = self.versions()
+            protect = set(protect or ())
+            pinned = self.pinned_version()
+            if pinned is not None:
+                protect.add(pinned)
+            doomed = [v for v in versions[:-keep] if v not in protect] if keep > 0 else []
+            for v in doomed:
+                self.path(v).unlink(missing_ok=True)
         for stale in self.dir.glob(".tmp-*"):
             # Left by a crash mid-write; never referenced by LATEST.
             if time.time() - stale.stat().st_mtime > 60:
