@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("service.worker") is No
 
 MODEL = {"name": "default", "input_shape": [64], "num_classes": 10, "spec": "mlp:64",
          "max_batch": 16, "snapshot_every_seconds": 0.3, "snapshot_every_steps": 100,
-         "keep_snapshots": 100_000, "label_ttl_seconds": 120, "lr": 0.01}
+         "keep_snapshots": 100_000, "label_ttl_seconds": 120}
 CLIENTS = 4
 PER_CLIENT = 300
 BATCH = 4
@@ -180,7 +180,7 @@ def test_predict_then_label_two_apis(redis_server, tmp_path: Path) -> None:  # t
                           timeout=30).json()["predictions"]
         held_acc = float(np.mean([p["label"] == t for p, t in zip(pred, held_y)]))
         print(f"held-out accuracy after one pass over {n} labels: {held_acc:.3f}")
-        assert held_acc > 0.3  # one pass, batches up to 16: well above chance, not converged
+        assert held_acc > 0.6  # one pass (0.89-0.93 measured with the default lr): far above chance
     finally:
         for a in apis:
             a.stop()
