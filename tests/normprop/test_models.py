@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from normprop import NIN_CIFAR, NormPropConv2d, NormPropLinear, SpecError, build_model, parse_spec
+from normprop import (
+    NIN_CIFAR,
+    NormPropConv2d,
+    NormPropLinear,
+    SpecError,
+    activation_stats,
+    build_model,
+    parse_spec,
+)
 from normprop.models import ConvSpec, PoolSpec
 
 
@@ -96,8 +104,7 @@ def test_mlp_flattens_image_input_and_other_activations():
     net = build_model("mlp:16", (2, 3, 3), 4, activation="tanh")
     assert isinstance(net.layers[0], nn.Flatten)
     assert net.layers[1].in_features == 18 and net.layers[1].activation.name == "tanh"
-    assert net.layers[1].gamma_init == pytest.approx(
-        1 / __import__("normprop").activation_stats("tanh").jacobian_factor)
+    assert net.layers[1].gamma_init == pytest.approx(1 / activation_stats("tanh").jacobian_factor)
     assert net(torch.randn(3, 2, 3, 3)).shape == (3, 4)
     gamma_one = build_model("mlp:16", 5, 2, gamma_init=1.0)
     assert torch.equal(gamma_one.layers[0].gamma, torch.ones(16))
