@@ -11,7 +11,8 @@ For each max batch size (1 and 64 by default) it measures, in the same process, 
 
 and prints samples/s and the ratio ``stream / step``. The backlog is written before timing
 starts (the producer is not what is measured) and the loop runs in the calling thread, so no
-polling thread competes for the CPU. Medians over ``--rounds`` rounds.
+polling thread competes for the CPU. The three run round-robin in chunks of steps (200 at batch
+size 1, 20 at 64), so load from other processes on a shared machine falls on all of them alike.
 
 Run::
 
@@ -56,83 +57,86 @@ def _data(n: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarra
     return (centres[y] + rng.normal(size=(n, features))).astype(np.float32), y
 
 
-def bench_step(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int, steps: int) -> float:
-    """Samples/s of train_step alone on pre-built tensors."""
-    trainer = ModelTrainer(cfg, torch.device("cpu"))
-    trainer.optimizer.param_groups[0]["lr"] = normprop.scaled_lr(cfg.lr, batch, cfg.lr_scaling)
-    xs = torch.from_numpy(x)
-    ys = torch.from_numpy(y).long()
-    batches = [(xs[i:i + batch], ys[i:i + batch])
-               for i in range(0, steps * batch, batch)]
-    for bx, by in batches[:20]:
-        normprop.train_step(trainer.model, trainer.optimizer, bx, by)
-    start = time.perf_counter()
-    for bx, by in batches:
-        normprop.train_step(trainer.model, trainer.optimizer, bx, by)
-    return steps * batch / (time.perf_counter() - start)
+class StepRunner:
+    """``normprop.train_step`` alone on ready-made tensors (the model's ceiling)."""
+
+    def __init__(self, cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int) -> None:
+        self.trainer = ModelTrainer(cfg, torch.device("cpu"))
+        lr = normprop.scaled_lr(cfg.lr, batch, cfg.lr_scaling)
+        self.trainer.optimizer.param_groups[0]["lr"] = lr
+        xs, ys = torch.from_numpy(x), torch.from_numpy(y).long()
+        self.batches = [(xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(x), batch)]
+        self.batch, self.pos = batch, 0
+
+    def advance(self, steps: int) -> tuple[int, float]:
+        start = time.perf_counter()
+        for _ in range(steps):
+            bx, by = self.batches[self.pos % len(self.batches)]
+            normprop.train_step(self.trainer.model, self.trainer.optimizer, bx, by)
+            self.pos += 1
+        return steps * self.batch, time.perf_counter() - start
 
 
-def bench_trainer(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int, steps: int) -> float:
-    """Samples/s of ModelTrainer.train_batch on decoded samples."""
-    trainer = ModelTrainer(cfg, torch.device("cpu"))
-    samples = [Sample(x[i], int(y[i])) for i in range(steps * batch)]
-    groups = [samples[i:i + batch] for i in range(0, len(samples), batch)]
-    for g in groups[:20]:
-        trainer.train_batch(g)
-    start = time.perf_counter()
-    for g in groups:
-        trainer.train_batch(g)
-    return steps * batch / (time.perf_counter() - start)
+class TrainerRunner:
+    """``ModelTrainer.train_batch`` on decoded samples (adds collation, scoring, counters)."""
+
+    def __init__(self, cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int) -> None:
+        self.trainer = ModelTrainer(cfg, torch.device("cpu"))
+        samples = [Sample(x[i], int(y[i])) for i in range(len(x))]
+        self.groups = [samples[i:i + batch] for i in range(0, len(samples), batch)]
+        self.batch, self.pos = batch, 0
+
+    def advance(self, steps: int) -> tuple[int, float]:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.trainer.train_batch(self.groups[self.pos % len(self.groups)])
+            self.pos += 1
+        return steps * self.batch, time.perf_counter() - start
 
 
-def bench_stream(cfg: ModelConfig, url: str, data_dir: Path, x: np.ndarray, y: np.ndarray,
-                 batch: int, steps: int) -> float:
-    """Samples/s of the worker loop draining a backlog from Redis (checkpoints included)."""
-    r = redis.Redis.from_url(url)
-    r.flushall()
-    shutil.rmtree(data_dir, ignore_errors=True)
-    codec = EntryCodec(cfg)
-    stream = keys.samples_stream(cfg.name)
-    warm = 20 * batch
-    total = warm + steps * batch
-    pipe = r.pipeline(transaction=False)
-    for i in range(total):
-        pipe.xadd(stream, codec.encode(x[i % len(x)], int(y[i % len(y)])))
-        if i % 5000 == 4999:
-            pipe.execute()
-    pipe.execute()
-    settings = Settings(redis_url=url, models=[cfg], data_dir=data_dir, device="cpu",
-                        worker_metrics_port=0, consumer_name="bench")
-    metrics = WorkerMetrics()
-    worker = ModelWorker(settings, cfg, metrics, threading.Event(), "bench")
-    worker._spare = None
-    while worker.trainer is None or worker.trainer.samples_trained < warm:
-        worker.run_once()
-    before = _checkpoints(metrics)
-    start = time.perf_counter()
-    while worker.trainer.samples_trained < total:
-        worker.run_once()
-    elapsed = time.perf_counter() - start
-    after = _checkpoints(metrics)
-    CHECKPOINTS.append((after[0] - before[0], after[1] - before[1], elapsed))
-    worker._shutdown()
-    return (total - warm) / elapsed
+class StreamRunner:
+    """The worker loop (``ModelWorker.run_once``) draining a backlog from Redis, checkpoints
+    (safetensors + fsync, XACK, XTRIM) included. The backlog is written up front."""
 
+    def __init__(self, cfg: ModelConfig, url: str, data_dir: Path, x: np.ndarray, y: np.ndarray,
+                 batch: int, total_steps: int) -> None:
+        r = redis.Redis.from_url(url)
+        r.flushall()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        codec = EntryCodec(cfg)
+        stream = keys.samples_stream(cfg.name)
+        pipe = r.pipeline(transaction=False)
+        # Each advance may overshoot by one read (up to 64 entries): leave slack at the end.
+        for i in range(total_steps * batch + 64 * (total_steps // 20 + 4)):
+            pipe.xadd(stream, codec.encode(x[i % len(x)], int(y[i % len(y)])))
+            if i % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+        settings = Settings(redis_url=url, models=[cfg], data_dir=data_dir, device="cpu",
+                            worker_metrics_port=0, consumer_name="bench")
+        self.metrics = WorkerMetrics()
+        self.worker = ModelWorker(settings, cfg, self.metrics, threading.Event(), "bench")
+        self.batch = batch
 
-#: (checkpoints, seconds spent in them, loop seconds) of each stream run.
-CHECKPOINTS: list[tuple[float, float, float]] = []
+    def advance(self, steps: int) -> tuple[int, float]:
+        w = self.worker
+        before = w.trainer.samples_trained if w.trainer else 0
+        target = before + steps * self.batch
+        start = time.perf_counter()
+        while w.trainer is None or w.trainer.samples_trained < target:
+            w.run_once()
+        return w.trainer.samples_trained - before, time.perf_counter() - start
 
-
-def _checkpoints(metrics: WorkerMetrics) -> tuple[float, float]:
-    count = total = 0.0
-    for fam in metrics.registry.collect():
-        if fam.name == "normprop_worker_checkpoint_duration_seconds":
-            for s in fam.samples:
-                if s.name.endswith("_count"):
-                    count = s.value
-                elif s.name.endswith("_sum"):
-                    total = s.value
-    return count, total
+    def checkpoints(self) -> tuple[float, float]:
+        count = total = 0.0
+        for fam in self.metrics.registry.collect():
+            if fam.name == "normprop_worker_checkpoint_duration_seconds":
+                for s in fam.samples:
+                    if s.name.endswith("_count"):
+                        count = s.value
+                    elif s.name.endswith("_sum"):
+                        total = s.value
+        return count, total
 
 
 def main() -> None:
@@ -141,12 +145,10 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: 2-core box)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rounds = 1 if args.quick else args.rounds
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import RedisServer  # a private redis-server, AOF on as in production
 
@@ -160,26 +162,37 @@ def main() -> None:
           f"{'stream/step':>11} {'trainer/step':>12}")
     try:
         for batch in [int(b) for b in args.batches.split(",")]:
-            steps = (1500 if args.quick else 3000) if batch == 1 else (100 if args.quick else 300)
+            steps = (2000 if args.quick else 6000) if batch == 1 else (200 if args.quick else 600)
+            chunk = 200 if batch == 1 else 20
             cfg = ModelConfig(name="bench", input_shape=[args.features],
                               num_classes=args.classes, spec=args.spec, max_batch=batch)
-            x, y = _data(steps * batch + 64 * batch, args.features, args.classes)
-            res: dict[str, list[float]] = {"step": [], "trainer": [], "stream": []}
-            for _ in range(rounds):
-                res["step"].append(bench_step(cfg, x, y, batch, steps))
-                res["trainer"].append(bench_trainer(cfg, x, y, batch, steps))
-                res["stream"].append(bench_stream(cfg, server.url, tmp / "data", x, y, batch,
-                                                  steps))
-            med = {k: statistics.median(v) for k, v in res.items()}
-            n_ck = sum(c[0] for c in CHECKPOINTS)
-            ck_share = sum(c[1] for c in CHECKPOINTS) / sum(c[2] for c in CHECKPOINTS)
-            ck_mean = sum(c[1] for c in CHECKPOINTS) / max(1, n_ck) * 1e3
-            CHECKPOINTS.clear()
-            print(f"{batch:>9} {med['step']:>10.0f} {med['trainer']:>10.0f} "
-                  f"{med['stream']:>10.0f} {med['stream'] / med['step']:>11.2f} "
-                  f"{med['trainer'] / med['step']:>12.2f}   checkpoints: {n_ck:.0f}, "
-                  f"{ck_mean:.1f} ms each, {100 * ck_share:.1f}% of the stream time",
-                  flush=True)
+            x, y = _data(4096 * batch if batch > 1 else 4096, args.features, args.classes)
+            warm = 2 * chunk
+            runners = {"step": StepRunner(cfg, x, y, batch),
+                       "trainer": TrainerRunner(cfg, x, y, batch),
+                       "stream": StreamRunner(cfg, server.url, tmp / "data", x, y, batch,
+                                              steps + warm + chunk)}
+            for runner in runners.values():  # start-up, first checkpoint, warm caches
+                runner.advance(warm)
+            ck0 = runners["stream"].checkpoints()  # type: ignore[attr-defined]
+            done = {k: 0 for k in runners}
+            spent = {k: 0.0 for k in runners}
+            # Round-robin in chunks: load from other processes lands on all three alike.
+            for _ in range(steps // chunk):
+                for name, runner in runners.items():
+                    n, t = runner.advance(chunk)
+                    done[name] += n
+                    spent[name] += t
+            rate = {k: done[k] / spent[k] for k in runners}
+            ck1 = runners["stream"].checkpoints()  # type: ignore[attr-defined]
+            n_ck = ck1[0] - ck0[0]
+            ck_ms = (ck1[1] - ck0[1]) / max(1.0, n_ck) * 1e3
+            ck_share = (ck1[1] - ck0[1]) / spent["stream"]
+            runners["stream"].worker._shutdown()  # type: ignore[attr-defined]
+            print(f"{batch:>9} {rate['step']:>10.0f} {rate['trainer']:>10.0f} "
+                  f"{rate['stream']:>10.0f} {rate['stream'] / rate['step']:>11.2f} "
+                  f"{rate['trainer'] / rate['step']:>12.2f}   checkpoints: {n_ck:.0f}, "
+                  f"{ck_ms:.1f} ms each, {100 * ck_share:.1f}% of the stream time", flush=True)
     finally:
         server.kill()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -131,13 +131,37 @@ def sweep(streams: dict[str, Stream], lrs: list[float], batches: list[int],
     return means
 
 
+def heldout(streams: dict[str, Stream], lrs: list[float], passes: int = 3, **config: object) -> None:
+    """Held-out accuracy after ``passes`` passes at batch size 1 (70/30 split): does the
+    default keep learning past the first pass, not just start fast?"""
+    print(f"\n### held-out accuracy after {passes} passes at batch size 1 (70/30 split)\n")
+    print("| stream | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " |")
+    print("|---|" + "---:|" * len(lrs))
+    for name, (x, y) in streams.items():
+        cut = int(0.7 * len(x))
+        row = []
+        for lr in lrs:
+            cfg = ModelConfig(input_shape=[x.shape[1]], num_classes=int(y.max()) + 1,
+                              max_batch=1, lr=lr, **config)  # type: ignore[arg-type]
+            trainer = ModelTrainer(cfg, torch.device("cpu"))
+            rng = np.random.default_rng(1)
+            for _ in range(passes):
+                for i in rng.permutation(cut):
+                    trainer.train_batch([Sample(x[i], int(y[i]))])
+            trainer.model.eval()
+            with torch.no_grad():
+                pred = trainer.model(torch.from_numpy(x[cut:])).argmax(1).numpy()
+            row.append(f"{float((pred == y[cut:]).mean()):.3f}")
+        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--streams", default=",".join(STREAMS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tables", default="grid,momentum,linear,arch,clip",
-                        help="which tables: grid, momentum, linear, arch, clip")
+    parser.add_argument("--tables", default="grid,momentum,linear,arch,heldout,clip",
+                        help="which tables: grid, momentum, linear, arch, heldout, clip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     streams = load_streams(args.streams.split(","))
@@ -145,7 +169,8 @@ def main() -> None:
     lrs = [0.001, 0.003, 0.01, 0.03] if args.quick else [0.001, 0.003, 0.01, 0.03, 0.1]
     started = time.time()
     print(f"# defaults sweep: one-pass prequential accuracy; torch {torch.__version__}; "
-          f"lr scaled by sqrt(batch); data_norm={default.data_norm}, clip={default.clip}, "
+          f"defaults lr={default.lr}, lr_scaling={default.lr_scaling}; data_norm={default.data_norm}, "
+          f"clip={default.clip}, "
           f"weight_decay={default.weight_decay}")
     tables = set(args.tables.split(","))
     if "grid" in tables:
@@ -160,6 +185,10 @@ def main() -> None:
     if "arch" in tables and not args.quick:
         sweep(streams, [0.001, 0.003], [1], "mlp:128,128, momentum 0.9 (batch 1)",
               spec="mlp:128,128", momentum=0.9)
+    if "heldout" in tables and not args.quick:
+        heldout({k: v for k, v in streams.items() if k in ("digits", "image_segments",
+                                                            "phishing")},
+                [0.001, 0.003], spec=default.spec, momentum=0.9)
     if "clip" in tables and not args.quick:
         sweep(streams, [0.001], [1, 64], f"{default.spec}, momentum 0.9, no input clipping",
               spec=default.spec, momentum=0.9, clip=None)

@@ -8,9 +8,9 @@ one worker process per model (the lease below makes any mix of processes safe).
 
 The loop, per model::
 
-    XREADGROUP GROUP trainer <consumer> COUNT max_batch BLOCK worker_block_ms  np:{m}:samples >
+    XREADGROUP GROUP trainer <consumer> COUNT n BLOCK worker_block_ms  np:{m}:samples >
       -> decode each entry (EntryCodec); malformed -> MULTI [XADD np:{m}:dead ..., XACK] EXEC
-      -> one SGD step on the valid ones at lr = scaled_lr(cfg.lr, batch, cfg.lr_scaling)
+      -> SGD steps of up to max_batch valid entries at lr = scaled_lr(cfg.lr, batch, ...)
          (a trickle gives batch size 1, a backlog max_batch), prequential scoring, ledger += IDs
       -> every snapshot_every_steps steps or snapshot_every_seconds seconds, if anything new:
          checkpoint = SnapshotStore.write(v+1, model + momentum + ledger, metadata)
@@ -42,6 +42,7 @@ Run it with ``python -m service.worker`` (settings from ``NP_`` environment vari
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import math
 import os
@@ -79,6 +80,8 @@ DEAD_MAX_FIELDS = 16
 #: The dead-letter stream is a diagnostic, not data: keep about this many (approximate MAXLEN).
 DEAD_STREAM_MAXLEN = 100_000
 _ACK_CHUNK = 10_000
+#: A read asks for at least this many entries (then trains them max_batch at a time).
+READ_AT_LEAST = 256
 #: At most this many checkpoints' ledgers are remembered for skipping redelivered entries.
 COVERED_CHECKPOINTS = 16
 _METRICS_EVERY = 0.5
@@ -205,12 +208,18 @@ class ModelWorker:
         self.block_ms = max(1, min(settings.worker_block_ms,
                                    int(settings.redis_socket_timeout * 500)))
         self.lease_ttl_ms = int(settings.lease_ttl_seconds * 1000)
+        # Entries per read: at least READ_AT_LEAST, a whole number of batches. A small
+        # max_batch still reads a backlog in bulk (one round trip, then several steps of
+        # max_batch each): at batch size 1 a round trip per step would cost as much as the step.
+        self.read_count = config.max_batch * max(1, -(-READ_AT_LEAST // config.max_batch))
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
         self._packed = config.task == "classification"
         self._backlog = False  # the last read filled a batch: read the next one packed
         self._read_conn: Any = None  # a dedicated connection for prefetched backlog reads
         self._inflight = False       # a packed read was sent; its reply is not read yet
+        self._future: concurrent.futures.Future[Any] | None = None
+        self._fetcher: concurrent.futures.ThreadPoolExecutor | None = None
 
         self.trainer: ModelTrainer | None = None
         self.version = 0                    # newest version this worker wrote or restored
@@ -303,12 +312,12 @@ class ModelWorker:
             got = self.read_packed()
         else:
             resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                         count=self.config.max_batch, block=self.block_ms)
+                                         count=self.read_count, block=self.block_ms)
             entries = resp[0][1] if resp else []
             if entries:
                 self.process(entries, recovering=False)
             got = len(entries)
-        self._backlog = got >= self.config.max_batch
+        self._backlog = got >= self.read_count
         self._maybe_checkpoint()
         now = time.monotonic()
         if now >= self._next_metrics:
@@ -431,7 +440,7 @@ class ModelWorker:
         cursor: bytes | str = "0"
         while True:
             resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: cursor},
-                                         count=self.config.max_batch)
+                                         count=self.read_count)
             entries = resp[0][1] if resp else []
             if not entries:
                 break
@@ -495,39 +504,51 @@ class ModelWorker:
             self.redis.xack(self.stream, self.group, *ack_now)
         if dead:
             self._dead_letter(dead)
-        if samples:
-            self._train(samples, ids)
+        step = self.config.max_batch
+        for i in range(0, len(samples), step):
+            self._train(samples[i:i + step], ids[i:i + step])
 
     # -- backlog reads: packed, prefetched --------------------------------------------------
     def _send_packed(self) -> None:
-        """Send the next backlog read now; its reply is read after the current step.
+        """Start the next backlog read now; its reply is taken after the current step.
 
-        While the network and Redis work on it, this thread trains: a round trip per step is
-        hidden behind the step (DESIGN section 7). The entries it delivers are pending like
-        any others, so a crash before they are trained loses nothing.
+        A helper thread sends it and waits for the reply while this thread trains, so the
+        round trip and Redis' work hide behind the step (DESIGN section 7). The entries it
+        delivers are pending like any others, so a crash before they are trained loses nothing.
         """
         if self._read_conn is None:
             self._read_conn = self.redis.connection_pool.get_connection()
-        try:
-            self._read_conn.send_command("EVAL", _READ_PACKED, 1, self.stream, self.group,
-                                         self.consumer, self.config.max_batch,
-                                         4 * self.config.num_features)
-        except BaseException:
-            self._close_read_conn()
-            raise
+        if self._fetcher is None:
+            self._fetcher = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"prefetch-{self.config.name}")
+        conn = self._read_conn
+        args = ("EVAL", _READ_PACKED, 1, self.stream, self.group, self.consumer,
+                self.read_count, 4 * self.config.num_features)
+
+        def fetch() -> Any:
+            conn.send_command(*args)
+            return conn.read_response()
+
+        self._future = self._fetcher.submit(fetch)
         self._inflight = True
 
     def _recv_packed(self) -> Any:
-        self._inflight = False
+        fut, self._future, self._inflight = self._future, None, False
         try:
-            return self._read_conn.read_response()
+            return fut.result()  # type: ignore[union-attr]
         except BaseException:
             self._close_read_conn()
             raise
 
     def _close_read_conn(self) -> None:
-        """Drop the prefetch connection (its unread reply's entries stay pending)."""
-        conn, self._read_conn, self._inflight = self._read_conn, None, False
+        """Drop the prefetch connection (an unread reply's entries stay pending)."""
+        fut, self._future, self._inflight = self._future, None, False
+        if fut is not None:
+            try:
+                fut.result(timeout=self.settings.redis_socket_timeout + 1)
+            except BaseException:  # noqa: BLE001 -- the reply is being discarded anyway
+                pass
+        conn, self._read_conn = self._read_conn, None
         if conn is not None:
             try:
                 conn.disconnect()
@@ -539,7 +560,7 @@ class ModelWorker:
             self._process_packed(self._recv_packed())
 
     def read_packed(self) -> int:
-        """Read up to ``max_batch`` new entries with :data:`_READ_PACKED`; returns how many.
+        """Read up to ``read_count`` new entries with :data:`_READ_PACKED`; returns how many.
 
         If the batch is full (the backlog goes on), the next read is sent before this batch
         is trained.
@@ -548,7 +569,7 @@ class ModelWorker:
             self._send_packed()
         reply = self._recv_packed()
         n = (reply[0].count(b" ") + 1 if reply[0] else 0) + len(reply[3]) if reply else 0
-        if n >= self.config.max_batch:
+        if n >= self.read_count:
             self._send_packed()
         self._process_packed(reply)
         return n
@@ -609,8 +630,10 @@ class ModelWorker:
                 ys = np.concatenate([ys, np.array([s.y for s in extra], dtype=np.int64)])
         if dead:
             self._dead_letter(dead)
-        if ids:
-            self._account(self.trainer.train_arrays(xs, ys), ids)  # type: ignore[union-attr]
+        step = self.config.max_batch
+        train = self.trainer.train_arrays  # type: ignore[union-attr]
+        for i in range(0, len(ids), step):
+            self._account(train(xs[i:i + step], ys[i:i + step]), ids[i:i + step])
 
     def _dead_letter(self, dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]]) -> None:
         """Move malformed entries to the dead-letter stream and ack them, in one transaction."""
@@ -724,7 +747,7 @@ class ModelWorker:
             threshold = min(threshold, parse_id(summary["min"]))
         if threshold > (0, 1):
             self.redis.xtrim(self.stream, minid=format_id(threshold), approximate=False)
-        if pending > len(self.ledger) + (self.config.max_batch if self._inflight else 0):
+        if pending > len(self.ledger) + (self.read_count if self._inflight else 0):
             # Delivered to us but never seen (a reply lost in an outage): read them again.
             self.needs_recovery = True
 
@@ -793,6 +816,8 @@ class ModelWorker:
         finally:
             try:
                 self._close_read_conn()
+                if self._fetcher is not None:
+                    self._fetcher.shutdown(wait=True)
                 self.redis.close()
             except Exception:  # noqa: BLE001
                 pass
