@@ -102,7 +102,7 @@ class ModelTrainer:
         self.loss_window: collections.deque[float] = collections.deque(maxlen=max(1, window // 10))
         self.last_loss = math.nan
         # Recent inputs for the layer-input statistics; recomputed at checkpoint time.
-        self._recent: collections.deque[Tensor] = collections.deque(maxlen=MONITOR_ROWS)
+        self._recent: collections.deque[Tensor] = collections.deque()
         self._recent_rows = 0
         self.layer_stats: list[dict[str, Any]] = []
         # Throughput over the current run (not restored: it describes this process).
@@ -181,6 +181,8 @@ class ModelTrainer:
         self._rate_samples += n
         self._recent.append(x.detach())
         self._recent_rows += n
+        while self._recent_rows - self._recent[0].shape[0] >= MONITOR_ROWS:
+            self._recent_rows -= self._recent.popleft().shape[0]  # keep ~MONITOR_ROWS rows
         return result
 
     # -- metrics ----------------------------------------------------------------------------
