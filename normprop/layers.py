@@ -43,9 +43,9 @@ def _row_norms(weight: Tensor) -> Tensor:
 
 # -- the training fast path ------------------------------------------------------------------
 #
-# Both functions below compute eq. 9 / 11 exactly for *any* row norms (the norm is taken in
-# every forward, an O(parameters) read); what they save is autograd's long chain of
-# weight-sized temporaries for ``gamma * W / ||W||``. Their backward is the closed form of that
+# Both functions below compute eq. 9 / 11 exactly for *any* row norms (the norm is read in the
+# forward unless the layer knows its rows are unit, see ``NormPropLayer.rows_known_unit``);
+# what they save is autograd's long chain of weight-sized temporaries for ``gamma * W / ||W||``. Their backward is the closed form of that
 # chain: with ``n_i = ||W_i||``, ``r_i = n_i + eps``, ``k_i = gamma_i / r_i`` and ``G`` the
 # gradient with respect to the scaled rows ``k_i W_i``,
 #
