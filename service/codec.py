@@ -9,7 +9,10 @@ field       value
             flattened in C order), e.g. ``[0.1, 2, -3.5]``
 ``xb``      *instead of* ``x``: the features as raw little-endian float32 bytes (4 bytes each)
 ``y``       the label: a class index ``0..K-1`` for classification (``3`` or ``"3"``); a number,
-            or a JSON array of ``num_targets`` numbers, for regression
+            or a JSON array of ``num_targets`` numbers, for regression. A model with ``classes``
+            or ``open_classes`` takes its users' own labels: an integer (``3``), a JSON string
+            (``"\"cat\""``) or a bare word as redis-cli writes it (``cat``); ``3`` is the
+            integer label, ``"\"3\""`` the string label "3"
 ``id``      optional: the producer's own id for the sample (kept in dead letters)
 ==========  ==================================================================================
 
@@ -30,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .settings import ModelConfig
+from .settings import MAX_LABEL_LENGTH, ModelConfig, label_key
 
 __all__ = ["REASONS", "DecodeError", "Sample", "EntryCodec"]
 
@@ -44,6 +47,8 @@ REASONS: tuple[str, ...] = (
     "missing_label",
     "bad_label",
     "label_out_of_range",
+    "unknown_label",
+    "too_many_classes",
 )
 
 
@@ -59,11 +64,12 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """A validated sample: ``x`` float32 of shape ``(num_features,)``; ``y`` an int class index
-    or a float32 array of ``num_targets`` values."""
+    """A validated sample: ``x`` float32 of shape ``(num_features,)``; ``y`` an int class index,
+    a user label (int or str: models with ``classes``/``open_classes``; the worker maps it to
+    a unit) or a float32 array of ``num_targets`` values."""
 
     x: np.ndarray
-    y: int | np.ndarray
+    y: int | str | np.ndarray
 
 
 def _text(value: Any) -> str:
@@ -92,6 +98,10 @@ class EntryCodec:
         self.num_features = config.num_features
         self.classification = config.task == "classification"
         self.max_entry_bytes = max_entry_bytes or 1024 + 32 * self.num_features
+        #: "indices" (class indices), "listed" or "open" (user labels; see ModelConfig).
+        self.label_set = config.label_set if self.classification else "indices"
+        listed = config.classes if self.label_set == "listed" else None
+        self._listed = {label_key(c) for c in listed} if listed is not None else None
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, x: Sequence[float] | np.ndarray, y: int | float | Sequence[float],
@@ -104,7 +114,10 @@ class EntryCodec:
             fields["xb"] = arr.astype("<f4").tobytes()
         else:
             fields["x"] = json.dumps(arr.tolist()).encode()
-        fields["y"] = (str(label) if isinstance(label, int) else json.dumps(label.tolist())).encode()
+        if isinstance(label, (int, str)):
+            fields["y"] = (str(label) if isinstance(label, int) else json.dumps(label)).encode()
+        else:
+            fields["y"] = json.dumps(label.tolist()).encode()
         if sample_id is not None:
             fields["id"] = sample_id.encode()
         return fields
@@ -123,7 +136,13 @@ class EntryCodec:
                                            "(no NaN, Infinity or values beyond 3.4e38)")
         return out
 
-    def validate_y(self, y: Any) -> int | np.ndarray:
+    def validate_y(self, y: Any) -> int | str | np.ndarray:
+        if self.classification and self.label_set != "indices":
+            label = _user_label(y)
+            if self._listed is not None and label_key(label) not in self._listed:
+                raise DecodeError("unknown_label", f"label {label!r:.80} is not one of the "
+                                                   "model's classes")
+            return label
         if self.classification:
             if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)):
                 raise DecodeError("bad_label", f"label must be a class index, got {y!r:.40}")
@@ -185,8 +204,28 @@ class EntryCodec:
         try:
             label_raw = json.loads(_text(yv))
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise DecodeError("bad_label", f"label is not a number: {_text_or_repr(yv)!r:.40}") from None
+            if self.label_set == "indices" or not isinstance(yv, (bytes, str)):
+                raise DecodeError("bad_label", f"label is not a number: "
+                                               f"{_text_or_repr(yv)!r:.40}") from None
+            try:  # a bare word, as redis-cli writes it: the string label itself
+                label_raw = _text(yv)
+            except UnicodeDecodeError:
+                raise DecodeError("bad_label", "label is not UTF-8 text") from None
         return Sample(x, self.validate_y(label_raw))
+
+
+def _user_label(y: Any) -> int | str:
+    """A user label in canonical form: an int (integral floats too) or a non-empty string."""
+    if isinstance(y, str):
+        if not 0 < len(y) <= MAX_LABEL_LENGTH:
+            raise DecodeError("bad_label", f"a string label must have 1 to {MAX_LABEL_LENGTH} "
+                                           "characters")
+        return y
+    if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)):
+        raise DecodeError("bad_label", f"label must be an integer or a string, got {y!r:.40}")
+    if not math.isfinite(float(y)) or float(y) != int(y):
+        raise DecodeError("bad_label", f"a numeric label must be an integer, got {y!r}")
+    return int(y)
 
 
 def _flat(value: Any) -> Any:

@@ -67,7 +67,7 @@ def encode_sample(codec: EntryCodec, index: int, sample: Any) -> dict[str, bytes
     x, y, sample_id = sample["x"], sample["y"], sample.get("id")
     if not isinstance(x, list) or not _numbers_only(x):
         raise bad("bad_x", "'x' must be a (nested) list of numbers")
-    if not _numbers_only(y):
+    if not _numbers_only(y) and not (isinstance(y, str) and codec.label_set != "indices"):
         raise bad("bad_label", "'y' must be a number (a class index) or a list of numbers")
     if isinstance(y, float) and not math.isfinite(y):
         raise bad("nonfinite", "'y' must be finite")

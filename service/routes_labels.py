@@ -30,6 +30,7 @@ replica reports the same model-wide figures.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import uuid
@@ -46,6 +47,7 @@ from .codec import DecodeError
 from .routes_common import (ApiError, ApiState, api_state, find_slot, inline_schema,
                             json_response, read_json_object, require_key)
 from .serving import ModelSlot, ServedVersion
+from .settings import label_key
 
 __all__ = ["SERVED_WINDOW", "store_predictions", "read_served", "refresh_served",
            "watch_labels", "router"]
@@ -128,7 +130,9 @@ return #ids
 
 class LabelItem(BaseModel):
     id: str = Field(..., description="the id /predict returned (or that you sent with it)")
-    y: int | float | list[float] = Field(..., description="class index, or regression target(s)")
+    y: int | float | str | list[float] = Field(..., description="class index (your own label for "
+                                               "a model with classes/open_classes), or "
+                                               "regression target(s)")
 
 
 class LabelRequest(BaseModel):
@@ -186,10 +190,16 @@ async def store_predictions(state: ApiState, slot: ModelSlot, served: ServedVers
     classification = slot.config.task == "classification"
     x32 = np.ascontiguousarray(x, dtype="<f4")
     out32 = np.ascontiguousarray(out, dtype="<f4")
+    label_map = served.label_map
     for i, pid in enumerate(ids):
         keys_ += [keys.prediction_key(model, pid), keys.labelled_key(model, pid)]
-        argv += [pid, uuid.uuid4().hex, x32[i].tobytes(),
-                 int(out32[i].argmax()) if classification else "", out32[i].tobytes()]
+        if not classification:
+            predicted: Any = ""
+        elif label_map is not None:  # the user's label, as JSON (outputs in label_map order)
+            predicted = json.dumps(label_map[int(out32[i].argmax())]) if label_map else "null"
+        else:
+            predicted = int(out32[i].argmax())
+        argv += [pid, uuid.uuid4().hex, x32[i].tobytes(), predicted, out32[i].tobytes()]
     try:
         clash = await _run_script(state, STORE_SCRIPT, keys_, argv)
     except (RedisError, OSError) as exc:
@@ -223,6 +233,17 @@ async def _run_script(state: ApiState, script: str, keys_: list[str], argv: list
 def _score(slot: ModelSlot, stored: dict[bytes, bytes], y: Any) -> tuple[int, float, float]:
     """(correct, log-loss, absolute error) of the stored prediction against label ``y``."""
     outputs = np.frombuffer(stored[b"o"], dtype="<f4")
+    served = slot.current
+    if slot.config.task == "classification" and served is not None \
+            and served.label_map is not None:
+        # Outputs are in the answering version's label order; an open set's map only grows
+        # (labels keep their unit), so the current map gives the label's position.
+        keys_map = [label_key(v) for v in served.label_map]
+        idx = keys_map.index(label_key(y)) if label_key(y) in keys_map else len(outputs)
+        p = float(outputs[idx]) if idx < len(outputs) else 0.0
+        predicted = json.loads(stored[b"p"]) if stored[b"p"] else None
+        correct = int(predicted is not None and label_key(predicted) == label_key(y))
+        return correct, -math.log(max(p, _EPS)), 0.0
     if slot.config.task == "classification":
         p = float(outputs[int(y)])
         correct = int(int(stored[b"p"]) == int(y))

@@ -34,8 +34,12 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: int | None = Field(None, description="classification: the most probable class")
-    probabilities: list[float] | None = Field(None, description="classification: per class")
+    label: int | str | None = Field(None, description="classification: the most probable "
+                                    "class (a model with classes/open_classes: your own label; "
+                                    "null before any label was trained)")
+    probabilities: list[float] | None = Field(None, description="classification: per class "
+                                              "(in the order of the response's 'classes' when "
+                                              "it has them, else by class index)")
     value: float | None = Field(None, description="regression with one target")
     values: list[float] | None = Field(None, description="regression with several targets")
     id: str | None = Field(None, description="the id to label this prediction with")
@@ -45,6 +49,8 @@ class PredictResponse(BaseModel):
     model: str
     version: int = Field(..., description="the snapshot version that answered every instance")
     predictions: list[Prediction]
+    classes: list[int | str] | None = Field(None, description="models with classes/open_classes:"
+                                            " the label of each probability, in order")
     stored_for_labels: bool | None = Field(None, description="models with label_ttl_seconds: "
                                            "false if Redis was down (cannot be labelled)")
 
@@ -94,7 +100,13 @@ async def predict(request: Request) -> Response:
         if slot.config.label_ttl_seconds is not None:
             stored = await store_predictions(state, slot, served, x, out, ids)
     state.metrics.predictions.labels(slot.name).inc(n)
-    if slot.config.task == "classification":
+    label_map = served.label_map
+    if slot.config.task == "classification" and label_map is not None:
+        # The user's own labels; an open set with no label trained yet answers null.
+        labels = ([label_map[i] for i in out.argmax(axis=1).tolist()] if label_map
+                  else [None] * n)
+        predictions = [{"label": lab, "probabilities": p} for lab, p in zip(labels, out.tolist())]
+    elif slot.config.task == "classification":
         labels = out.argmax(axis=1).tolist()
         predictions = [{"label": lab, "probabilities": p} for lab, p in zip(labels, out.tolist())]
     elif slot.config.num_targets == 1:
@@ -103,6 +115,8 @@ async def predict(request: Request) -> Response:
         predictions = [{"values": v} for v in out.tolist()]
     response: dict[str, Any] = {"model": slot.name, "version": served.version,
                                 "predictions": predictions}
+    if label_map is not None:
+        response["classes"] = list(label_map)
     if ids is not None:
         for p, pid in zip(predictions, ids):
             p["id"] = pid

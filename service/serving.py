@@ -41,7 +41,8 @@ from normprop.fold import Affine, FixedActivation
 from .api_metrics import ApiMetrics
 from .codec import DecodeError, EntryCodec
 from .settings import ModelConfig, Settings
-from .snapshots import SnapshotError, SnapshotStore, load_network
+from .snapshots import (SnapshotError, SnapshotStore, load_network, snapshot_label_map,
+                        snapshot_output_units)
 
 __all__ = ["INLINE_BUDGET_SECONDS", "ModelSlot", "ModelServer", "ServedVersion",
            "InstanceError", "parse_instances", "fold_snapshot"]
@@ -79,6 +80,10 @@ class ServedVersion:
     per_instance_seconds: float = 0.0
     #: Served because an operator pinned it (``SnapshotStore.pin``), not because it is newest.
     pinned: bool = False
+    #: Models with ``classes``/``open_classes``: the user label of each answered output unit,
+    #: in unit order (an open set's units not yet given a label are not answered). None:
+    #: the labels are the class indices.
+    label_map: tuple[int | str, ...] | None = None
 
     def runs_inline(self, n: int, budget: float = INLINE_BUDGET_SECONDS) -> bool:
         """Whether ``n`` instances are cheap enough (under ``budget`` seconds) for the loop."""
@@ -156,12 +161,14 @@ def fold_snapshot(store: SnapshotStore, config: ModelConfig, version: int) -> Se
     """
     snapshot = store.read(version)
     net = load_network(snapshot, config)
+    labels = snapshot_label_map(snapshot, config)
+    units = snapshot_output_units(snapshot, config)
     folded = normprop.fold(net).eval()
     folded.requires_grad_(False)
     shape = tuple(config.input_shape)
     with torch.inference_mode():
         probe = folded(torch.zeros((1, *shape)))
-    if probe.shape != (1, config.num_outputs) or not bool(torch.isfinite(probe).all()):
+    if probe.shape != (1, units) or not bool(torch.isfinite(probe).all()):
         raise SnapshotError(f"snapshot v{version} folds into a net with bad output "
                             f"{tuple(probe.shape)}")
     forward: Callable[[torch.Tensor], torch.Tensor] = folded
@@ -176,7 +183,8 @@ def fold_snapshot(store: SnapshotStore, config: ModelConfig, version: int) -> Se
     t16 = _time_forward(forward, shape, 16, 2)
     per = max(0.0, (t16 - t1) / 15)
     return ServedVersion(config.name, version, forward, dict(snapshot.metadata), time.time(),
-                         fixed_seconds=max(0.0, t1 - per), per_instance_seconds=per)
+                         fixed_seconds=max(0.0, t1 - per), per_instance_seconds=per,
+                         label_map=tuple(labels) if labels is not None else None)
 
 
 def parse_instances(codec: EntryCodec, instances: Any, raw_has_bool: bool) -> np.ndarray:
@@ -397,9 +405,14 @@ class ModelServer:
 
     @staticmethod
     def infer(served: ServedVersion, x: np.ndarray, config: ModelConfig) -> np.ndarray:
-        """Outputs for ``x`` (float32 ``(n, features)``): class probabilities or values."""
+        """Outputs for ``x`` (float32 ``(n, features)``): class probabilities or values.
+
+        With a label map, probabilities over the labelled units only, in ``label_map`` order.
+        """
         with torch.inference_mode():
             out = served.net(torch.from_numpy(x).view(-1, *config.input_shape))
             if config.task == "classification":
+                if served.label_map is not None:
+                    out = out[:, :len(served.label_map)]
                 out = torch.softmax(out, dim=1)
         return out.numpy()

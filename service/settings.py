@@ -15,10 +15,17 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ModelConfig", "Settings", "MODEL_NAME_PATTERN"]
+__all__ = ["ModelConfig", "Settings", "MODEL_NAME_PATTERN", "MAX_LABEL_LENGTH", "label_key"]
 
 #: Model names appear in Redis keys, file names and metric labels.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: Longest string label (labels travel in stream entries, metadata and responses).
+MAX_LABEL_LENGTH = 256
+
+
+def label_key(label: int | str) -> tuple[bool, int | str]:
+    """A dict key that keeps the integer label ``3`` and the string label ``"3"`` apart."""
+    return (isinstance(label, str), label)
 
 
 class ModelConfig(BaseModel):
@@ -36,6 +43,15 @@ class ModelConfig(BaseModel):
     input_shape: list[int] = Field(default_factory=lambda: [64], min_length=1, max_length=3)
     task: Literal["classification", "regression"] = "classification"
     num_classes: int = Field(10, ge=2, le=100_000)
+    #: Labels listed up front (integers or strings): the label map is fixed, one output unit
+    #: per listed label, in this order; ``num_classes`` is then ignored. With
+    #: ``open_classes`` they are only the initial classes. None (and not open): labels are the
+    #: class indices ``0..num_classes-1``, as always.
+    classes: list[int | str] | None = None
+    #: Open label set (class-incremental): a label never seen before grows the output layer by
+    #: one unit, up to ``max_classes``; past it the entry is dead-lettered ``too_many_classes``.
+    open_classes: bool = False
+    max_classes: int = Field(1000, ge=2, le=100_000)
     num_targets: int = Field(1, ge=1, le=10_000)
     spec: str = "mlp:256,256"
     activation: str = "relu"
@@ -65,6 +81,42 @@ class ModelConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _label_set(self) -> ModelConfig:
+        if self.classes is None and not self.open_classes:
+            return self
+        if self.task != "classification":
+            raise ValueError("classes and open_classes apply to classification only")
+        labels = self.classes or []
+        if any(isinstance(c, bool) or (isinstance(c, str) and not 0 < len(c) <= MAX_LABEL_LENGTH)
+               for c in labels):
+            raise ValueError(f"classes must be integers or strings of 1 to {MAX_LABEL_LENGTH} "
+                             "characters")
+        if len(set(map(label_key, labels))) != len(labels):
+            raise ValueError("classes must be unique")
+        if not self.open_classes and len(labels) < 2:
+            raise ValueError("a fixed label set needs at least 2 classes")
+        if self.open_classes and len(labels) > self.max_classes:
+            raise ValueError(f"{len(labels)} classes listed but max_classes={self.max_classes}")
+        if self.open_classes and not self.spec.replace(" ", "").startswith("mlp:"):
+            raise ValueError("open_classes needs an MLP spec ('mlp:...'): its output layer grows")
+        return self
+
+    @property
+    def label_set(self) -> Literal["indices", "listed", "open"]:
+        """How labels map to output units: class indices (the default), a fixed listed set, or
+        an open set that grows."""
+        if self.open_classes:
+            return "open"
+        return "listed" if self.classes is not None else "indices"
+
+    @property
+    def initial_label_map(self) -> list[int | str] | None:
+        """The user labels of the output units at the start, in unit order (None: indices)."""
+        if self.label_set == "indices":
+            return None
+        return list(self.classes or [])
+
+    @model_validator(mode="after")
     def _global_stats(self) -> ModelConfig:
         if self.data_norm == "global" and (self.global_mean is None or self.global_std is None):
             raise ValueError("data_norm='global' needs global_mean and global_std")
@@ -77,7 +129,15 @@ class ModelConfig(BaseModel):
 
     @property
     def num_outputs(self) -> int:
-        return self.num_classes if self.task == "classification" else self.num_targets
+        """Output units at the start (an open label set may grow past it)."""
+        if self.task != "classification":
+            return self.num_targets
+        if self.label_set == "listed":
+            return len(self.classes or [])
+        if self.label_set == "open":
+            # At least 2 units: a classifier with one logit has nothing to learn.
+            return max(2, len(self.classes or []))
+        return self.num_classes
 
 
 class Settings(BaseSettings):

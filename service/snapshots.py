@@ -45,7 +45,8 @@ from normprop import NormPropNet
 
 from .settings import ModelConfig
 
-__all__ = ["Snapshot", "SnapshotError", "SnapshotStore", "build_network", "load_network"]
+__all__ = ["Snapshot", "SnapshotError", "SnapshotStore", "build_network", "load_network",
+           "snapshot_label_map", "snapshot_output_units"]
 
 _FILE = re.compile(r"^v(\d{10})\.safetensors$")
 _META_KEY = "normprop"
@@ -70,10 +71,13 @@ class Snapshot:
         return {k[len("optim."):]: v for k, v in self.tensors.items() if k.startswith("optim.")}
 
 
-def build_network(config: ModelConfig) -> NormPropNet:
-    """The NormProp network a model configuration declares (fresh, deterministic from seed)."""
+def build_network(config: ModelConfig, num_outputs: int | None = None) -> NormPropNet:
+    """The NormProp network a model configuration declares (fresh, deterministic from seed).
+
+    ``num_outputs`` overrides the configured output units (an open label set's grown layer).
+    """
     torch.manual_seed(config.seed)
-    net = normprop.build_model(config.spec, config.input_shape, config.num_outputs,
+    net = normprop.build_model(config.spec, config.input_shape, num_outputs or config.num_outputs,
                                activation=config.activation, data_norm=config.data_norm,
                                half_life=config.half_life, clip=config.clip)
     if config.data_norm == "global":
@@ -84,10 +88,43 @@ def build_network(config: ModelConfig) -> NormPropNet:
 
 
 def config_fingerprint(config: ModelConfig) -> dict[str, Any]:
-    """The configuration fields that decide the network's shape and function."""
-    return {k: getattr(config, k) for k in
-            ("name", "input_shape", "task", "num_outputs", "spec", "activation", "data_norm",
-             "half_life", "clip")}
+    """The configuration fields that decide the network's shape and function.
+
+    An open label set's output units are not fixed (the snapshot's ``label_map`` says how many
+    there are); a listed set's labels are part of the fingerprint (they name the units).
+    """
+    out = {k: getattr(config, k) for k in
+           ("name", "input_shape", "task", "num_outputs", "spec", "activation", "data_norm",
+            "half_life", "clip")}
+    if config.task == "classification" and config.label_set == "listed":
+        out["classes"] = list(config.classes or [])
+    elif config.task == "classification" and config.label_set == "open":
+        out["num_outputs"] = "open"
+        out["max_classes"] = config.max_classes
+    return out
+
+
+def snapshot_label_map(snapshot: Snapshot, config: ModelConfig) -> list[int | str] | None:
+    """The user labels of a snapshot's output units, in unit order (None: class indices)."""
+    if config.task != "classification" or config.label_set == "indices":
+        return None
+    stored = snapshot.metadata.get("label_map")
+    if not isinstance(stored, list) or any(isinstance(v, bool) or not isinstance(v, (int, str))
+                                           for v in stored):
+        raise SnapshotError(f"snapshot v{snapshot.version} has no valid label_map")
+    return stored
+
+
+def snapshot_output_units(snapshot: Snapshot, config: ModelConfig) -> int:
+    """Output units of a snapshot: the configured ones, or an open label set's grown count."""
+    if config.task != "classification" or config.label_set != "open":
+        return config.num_outputs
+    units = snapshot.metadata.get("output_units")
+    labels = snapshot_label_map(snapshot, config) or []
+    if not isinstance(units, int) or isinstance(units, bool) or not (
+            max(config.num_outputs, len(labels)) <= units <= max(2, config.max_classes)):
+        raise SnapshotError(f"snapshot v{snapshot.version}: bad output_units {units!r}")
+    return units
 
 
 def load_network(snapshot: Snapshot, config: ModelConfig) -> NormPropNet:
@@ -105,7 +142,8 @@ def load_network(snapshot: Snapshot, config: ModelConfig) -> NormPropNet:
     if stored != expected:
         raise SnapshotError(f"snapshot v{snapshot.version} was made with another configuration: "
                             f"{stored} != {expected}")
-    net = build_network(config)
+    snapshot_label_map(snapshot, config)  # validates it
+    net = build_network(config, snapshot_output_units(snapshot, config))
     state = snapshot.model_state()
     try:
         net.load_state_dict(state, strict=True)

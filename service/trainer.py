@@ -8,6 +8,9 @@ carry so that a restart continues exactly where the last checkpoint left off:
   at batch size 1 falls back to them, section 4.1 of the paper, so they are training state);
 * the optimiser's momentum buffers (SGD with momentum 0.9, section 4.4);
 * the counters and the prequential (test-then-train) metrics, sliding window included.
+* for models with ``classes``/``open_classes``, the label map: the user label of each output
+  unit. An open set's unseen label takes the next unit, growing the output layer
+  (:meth:`ModelTrainer.grow_outputs`); the map and the unit count go in the metadata.
 
 Prequential scoring uses the output :func:`normprop.train_step` computed *before* its update,
 so every sample is scored on a model that had not seen it, at no extra forward pass.
@@ -32,9 +35,10 @@ from torch import Tensor
 import normprop
 from normprop import NormPropNet
 
-from .codec import REASONS, Sample
-from .settings import ModelConfig
-from .snapshots import Snapshot, SnapshotError, build_network, config_fingerprint, load_network
+from .codec import REASONS, DecodeError, Sample
+from .settings import ModelConfig, label_key
+from .snapshots import (Snapshot, SnapshotError, build_network, config_fingerprint, load_network,
+                        snapshot_label_map, snapshot_output_units)
 
 __all__ = ["ModelTrainer", "resolve_device", "MONITOR_ROWS", "PREQUENTIAL_WINDOW"]
 
@@ -82,10 +86,12 @@ class ModelTrainer:
         self.classification = config.task == "classification"
         self.model: NormPropNet = build_network(config).to(device)
         self.model.train()
-        self.optimizer = normprop.paper_optimizer(self.model, lr=config.lr,
-                                                  momentum=config.momentum,
-                                                  weight_decay=config.weight_decay)
-        self._param_names = {p: n for n, p in self.model.named_parameters()}
+        self._new_optimizer()
+        #: Models with ``classes``/``open_classes``: the user label of each output unit, in
+        #: unit order (an open set's later units are unlabelled until a new label takes them).
+        #: None: labels are the class indices.
+        self.label_map: list[int | str] | None = config.initial_label_map
+        self._label_index = {label_key(v): i for i, v in enumerate(self.label_map or [])}
         self._pin = device.type == "cuda"
         self._lr_by_batch: dict[int, float] = {}
         self._current_lr: float | None = None
@@ -108,6 +114,83 @@ class ModelTrainer:
         # Throughput over the current run (not restored: it describes this process).
         self._rate_started = time.monotonic()
         self._rate_samples = 0
+
+    def _new_optimizer(self) -> None:
+        self.optimizer = normprop.paper_optimizer(self.model, lr=self.config.lr,
+                                                  momentum=self.config.momentum,
+                                                  weight_decay=self.config.weight_decay)
+        self._param_names = {p: n for n, p in self.model.named_parameters()}
+        self._current_lr = None  # the next step sets its rate on the new groups
+
+    # -- labels -----------------------------------------------------------------------------
+    @property
+    def output_units(self) -> int:
+        return self.model.num_outputs
+
+    def index_of(self, label: int | str) -> int:
+        """The output unit of a decoded label; an open set gives a new label the next unit,
+        growing the output layer when every unit has a label.
+
+        Raises :class:`~service.codec.DecodeError` (``too_many_classes``) when an open set is
+        at ``max_classes``, ``unknown_label`` for a label a fixed set does not list.
+        """
+        if self.label_map is None:
+            return int(label)
+        key = label_key(label)
+        index = self._label_index.get(key)
+        if index is not None:
+            return index
+        if self.config.label_set != "open":
+            raise DecodeError("unknown_label", f"label {label!r:.80} is not one of the "
+                                               "model's classes")
+        if len(self.label_map) >= self.config.max_classes:
+            raise DecodeError("too_many_classes", f"label {label!r:.80} would be class "
+                              f"{len(self.label_map) + 1}; max_classes is "
+                              f"{self.config.max_classes}")
+        if len(self.label_map) >= self.output_units:
+            self.grow_outputs(1)
+        self.label_map.append(label)
+        self._label_index[key] = index = len(self.label_map) - 1
+        return index
+
+    def grow_outputs(self, n_new: int) -> None:
+        """Add ``n_new`` output units: the old rows, ``gamma``, ``beta`` and their momentum
+        stay; a new row is Gaussian then unit norm (Glorot normal's direction, projected as
+        every row is, section 4.4), its ``gamma`` the layer's ``gamma_init``, ``beta`` 0, its
+        momentum 0. Deterministic (seeded by the model's seed and the unit's index), so a
+        restart that replays the same labels grows the same layer."""
+        old = self.model.layers[-1]
+        if not isinstance(old, normprop.NormPropLinear) or old.activation is not None:
+            raise RuntimeError("only an MLP's NormPropLinear output layer can grow")
+        units = old.out_features
+        new = normprop.NormPropLinear(old.in_features, units + n_new, activation=None,
+                                      gamma_init=old.gamma_init).to(self.device)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + units)
+        rows = torch.randn(n_new, old.in_features, generator=g, dtype=torch.float64)
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            new.weight[:units] = old.weight
+            new.weight[units:] = rows.to(new.weight)
+            new.gamma[:units] = old.gamma
+            new.gamma[units:] = old.gamma_init
+            new.beta[:units] = old.beta
+            new.beta[units:] = 0.0
+        new.mark_unit_rows_()
+        old_names = {n: p for n, p in self.model.named_parameters()}
+        momentum = {n: self.optimizer.state[p]["momentum_buffer"] for n, p in old_names.items()
+                    if "momentum_buffer" in self.optimizer.state.get(p, {})}
+        self.model.layers[-1] = new
+        self.model.config["num_outputs"] = units + n_new
+        self._new_optimizer()
+        for name, p in self.model.named_parameters():
+            buf = momentum.get(name)
+            if buf is None:
+                continue
+            if buf.shape != p.shape:  # the grown layer: zero momentum for the new units
+                grown = torch.zeros_like(p)
+                grown[:buf.shape[0]] = buf
+                buf = grown
+            self.optimizer.state[p]["momentum_buffer"] = buf
 
     # -- training ---------------------------------------------------------------------------
     def _lr_for(self, batch: int) -> float:
@@ -247,7 +330,8 @@ class ModelTrainer:
             "device": str(self.device),
             "samples_per_second": self.samples_per_second(),
             "last_loss": None if math.isnan(self.last_loss) else self.last_loss,
-        }
+        } | ({} if self.label_map is None else {"label_map": list(self.label_map),
+                                                "output_units": self.output_units})
 
     def restore(self, snapshot: Snapshot) -> None:
         """Load a checkpoint exactly: weights, data-norm statistics, momentum, counters.
@@ -255,6 +339,13 @@ class ModelTrainer:
         Raises :class:`~service.snapshots.SnapshotError` if it does not fit this model.
         """
         load_network(snapshot, self.config)  # validates fingerprint, shapes, finiteness
+        units = snapshot_output_units(snapshot, self.config)
+        if units != self.output_units:  # an open label set grew: rebuild at the stored size
+            self.model = build_network(self.config, units).to(self.device)
+            self._new_optimizer()
+        labels = snapshot_label_map(snapshot, self.config)
+        self.label_map = None if labels is None else list(labels)
+        self._label_index = {label_key(v): i for i, v in enumerate(self.label_map or [])}
         # The stored tensors themselves, not load_network's re-projected copy: rows are unit
         # norm already, and re-projecting would change the last bits (restore must be exact).
         self.model.load_state_dict(snapshot.model_state(), strict=True)

@@ -214,7 +214,8 @@ class ModelWorker:
         self.read_count = config.max_batch * max(1, -(-READ_AT_LEAST // config.max_batch))
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
-        self._packed = config.task == "classification"
+        # The packed lane validates class indices in bulk; user labels take EntryCodec's path.
+        self._packed = config.task == "classification" and config.label_set == "indices"
         self._backlog = False  # the last read filled a batch: read the next one packed
         self._read_conn: Any = None  # a dedicated connection for prefetched backlog reads
         self._inflight = False       # a packed read was sent; its reply is not read yet
@@ -494,9 +495,16 @@ class ModelWorker:
             if fresh:
                 self.high_water = max(self.high_water, parse_id(fresh[-1][0]))
         decode = self.codec.decode
+        assert self.trainer is not None
+        # User labels (classes/open_classes) -> output units; an open set grows here, in
+        # stream order, so a restart that replays the same entries builds the same map.
+        index_of = self.trainer.index_of if self.trainer.label_map is not None else None
         for eid, fields in fresh:
             try:
-                samples.append(decode(fields))  # type: ignore[arg-type]
+                sample = decode(fields)  # type: ignore[arg-type]
+                if index_of is not None:
+                    sample = Sample(sample.x, index_of(sample.y))  # type: ignore[arg-type]
+                samples.append(sample)
                 ids.append(eid)
             except DecodeError as err:
                 dead.append((eid, fields, err))  # type: ignore[arg-type]
