@@ -8,7 +8,15 @@ fold) and serves it before answering; a version that is missing answers 404 and 
 fails validation 422, and in both cases nothing is pinned and the current version keeps
 serving. Versions never go backwards in a replica except across an explicit pin or unpin.
 
-Rolling the *worker* back (training resumes from an older version) is a separate operation.
+Rolling the *worker* back (``POST .../rollback``) is a separate operation: training resumes
+from version N's checkpoint. The request is the ``ROLLBACK`` file beside ``PINNED``
+(:meth:`SnapshotStore.request_rollback`, atomic, works while Redis is down); the worker that
+holds the model's lease picks it up within a loop turn, restores N (weights, optimiser state,
+data-norm statistics, counters, label map) and publishes it as a new, higher version whose
+metadata says ``rolled_back_from: N``. It continues from the stream position it had reached:
+the entries trained after N are not trained again. ``retrain: true`` is refused: the worker
+trims the stream below every checkpoint, so what came after N is no longer in the stream (push
+it again to retrain it).
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ class VersionInfo(BaseModel):
     pinned: bool
     served: bool
     error: str | None = Field(None, description="why the header could not be read")
+    rolled_back_from: int | None = Field(None, description="a rollback published this "
+                                         "version from that one")
 
 
 class VersionList(BaseModel):
@@ -76,12 +86,14 @@ def _describe(slot: ModelSlot) -> dict[str, Any]:
             row.update(created_at=meta.get("created_at"),
                        samples_trained=meta.get("samples_trained"),
                        prequential=meta.get("prequential"))
+            if meta.get("rolled_back_from") is not None:
+                row["rolled_back_from"] = meta.get("rolled_back_from")
             row["size_bytes"] = store.path(v).stat().st_size
         except (SnapshotError, OSError) as exc:  # pruned meanwhile, or unreadable
             row["error"] = str(exc)
         out.append(row)
     return {"model": slot.name, "latest": latest, "pinned": pinned, "served": served,
-            "versions": out}
+            "rollback_pending": store.rollback_request(), "versions": out}
 
 
 @router.get("/admin/models/{name}/versions", response_model=VersionList,
@@ -135,3 +147,46 @@ async def unpin_version(request: Request, name: str) -> Response:
     slot = find_slot(request, name)
     await api_state(request).server.unpin(slot.name)
     return json_response({**model_info(slot), "pinned": None})
+
+
+class RollbackRequest(BaseModel):
+    version: int = Field(..., ge=1, description="a version listed by GET .../versions")
+    retrain: bool = Field(False, description="retrain what the stream held after N: refused, "
+                          "the worker trims the stream below every checkpoint")
+
+
+@router.post("/admin/models/{name}/rollback", status_code=202,
+             summary="Roll the worker back to version N (admin key)",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": inline_schema(RollbackRequest.model_json_schema())}}}},
+             responses={**_ADMIN_ERRORS,
+                        422: {"description": "bad version, or retrain requested"}})
+async def rollback(request: Request, name: str) -> Response:
+    """Ask the worker to resume training from version N (202: requested). The worker publishes
+    N's state as a new version with ``rolled_back_from: N`` (see GET .../versions); what it
+    trained after N is not retrained."""
+    require_key(request, "admin")
+    slot = find_slot(request, name)
+    body, _ = await read_json_object(request)
+    version = body.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ApiError(422, "bad_request", "'version' must be a positive integer")
+    retrain = body.get("retrain", False)
+    if not isinstance(retrain, bool):
+        raise ApiError(422, "bad_request", "'retrain' must be true or false")
+    if retrain:
+        raise ApiError(422, "retrain_unavailable", "the worker trims the stream below every "
+                       "checkpoint, so the entries after the version are gone; roll back with "
+                       "retrain=false and push the data again to retrain it")
+    try:
+        req = await anyio.to_thread.run_sync(slot.store.request_rollback, version)
+    except SnapshotError:
+        known = await anyio.to_thread.run_sync(slot.store.versions)
+        raise ApiError(404, "unknown_version", f"model {slot.name!r} has no snapshot "
+                       f"v{version}; on disk: {known[-10:]}") from None
+    latest = await anyio.to_thread.run_sync(slot.store.latest_version)
+    return json_response({"model": slot.name, "requested": req, "latest": latest,
+                          "message": "the worker resumes from this version at its next loop "
+                          "turn and publishes it as a version above the latest, with "
+                          "rolled_back_from set; what it trained after it is not retrained"},
+                         202)

@@ -18,6 +18,11 @@ rename) tells every API replica to serve that version instead of the newest, and
 a pin holds while Redis is down and is seen by the worker's pruning on the same volume. Nothing is ever unpickled: safetensors stores raw tensors, metadata is
 JSON.
 
+An operator may also roll the worker back: the ``ROLLBACK`` file (JSON ``{"version": N,
+"id": ...}``, written atomically like ``PINNED``) asks the worker to resume training from
+version N; the worker publishes N's state as a new version and deletes the file. Retention
+never deletes a version a pending rollback names.
+
 The same file is the worker's checkpoint (it restores model, optimiser, statistics, counters)
 and the API's snapshot (it loads ``model.*`` only, after validating it against its config).
 """
@@ -31,6 +36,7 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,6 +176,7 @@ class SnapshotStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._latest = self.dir / "LATEST"
         self._pinned = self.dir / "PINNED"
+        self._rollback = self.dir / "ROLLBACK"
 
     def path(self, version: int) -> Path:
         return self.dir / f"v{version:010d}.safetensors"
@@ -311,15 +318,62 @@ class SnapshotStore:
         self._pinned.unlink(missing_ok=True)
         _fsync_dir(self.dir)
 
+    # -- rollback requests -----------------------------------------------------------------
+    def request_rollback(self, version: int) -> dict[str, Any]:
+        """Ask the worker to resume training from ``version`` (the ``ROLLBACK`` file, written
+        atomically; a newer request replaces an unhandled one). Returns the request.
+        :class:`SnapshotError` if the version is not on disk."""
+        request = {"version": int(version), "id": uuid.uuid4().hex, "requested_at": time.time()}
+        with self._pin_lock():  # retention cannot delete the version meanwhile
+            if not self.path(version).exists():
+                raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist")
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-rollback-")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(request, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._rollback)
+                _fsync_dir(self.dir)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return request
+
+    def rollback_request(self) -> dict[str, Any] | None:
+        """The pending rollback request, or None (an unreadable file counts as none)."""
+        try:
+            request = json.loads(self._rollback.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        version = request.get("version") if isinstance(request, dict) else None
+        if isinstance(version, bool) or not isinstance(version, int):
+            return None
+        return request
+
+    def clear_rollback_request(self, request_id: str | None) -> None:
+        """Delete the ``ROLLBACK`` file if it is still request ``request_id`` (a newer request
+        written meanwhile stays)."""
+        with self._pin_lock():
+            current = self.rollback_request()
+            if current is None or current.get("id") == request_id:
+                self._rollback.unlink(missing_ok=True)
+                _fsync_dir(self.dir)
+
     def prune(self, keep: int, protect: set[int] | None = None) -> list[int]:
         """Delete all but the newest ``keep`` versions (never one in ``protect``, never the
-        pinned version, whatever ``protect`` says)."""
+        pinned version or one a pending rollback names, whatever ``protect`` says)."""
         with self._pin_lock():
             versions = self.versions()
             protect = set(protect or ())
             pinned = self.pinned_version()
             if pinned is not None:
                 protect.add(pinned)
+            rollback = self.rollback_request()
+            if rollback is not None:
+                protect.add(int(rollback["version"]))
             doomed = [v for v in versions[:-keep] if v not in protect] if keep > 0 else []
             for v in doomed:
                 self.path(v).unlink(missing_ok=True)

@@ -82,6 +82,8 @@ DEAD_STREAM_MAXLEN = 100_000
 _ACK_CHUNK = 10_000
 #: A read asks for at least this many entries (then trains them max_batch at a time).
 READ_AT_LEAST = 256
+#: How often the loop looks for an operator's rollback request (the store's ROLLBACK file).
+ROLLBACK_CHECK_SECONDS = 0.1
 #: At most this many checkpoints' ledgers are remembered for skipping redelivered entries.
 COVERED_CHECKPOINTS = 16
 _METRICS_EVERY = 0.5
@@ -242,6 +244,8 @@ class ModelWorker:
         self._next_metrics = 0.0
         self._group_ready = False
         self._spare: ModelTrainer | None = None
+        self._next_rollback_check = 0.0
+        self._last_rollback_id: str | None = None  # the request the newest version carried out
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -309,6 +313,12 @@ class ModelWorker:
         if self.needs_recovery:
             self._drain_prefetch()
             self.recover()
+        now = time.monotonic()
+        if now >= self._next_rollback_check:
+            self._next_rollback_check = now + ROLLBACK_CHECK_SECONDS
+            request = self.store.rollback_request()
+            if request is not None:
+                self.rollback(request)
         if self._inflight or (self._backlog and self._packed):
             got = self.read_packed()
         else:
@@ -395,6 +405,7 @@ class ModelWorker:
                     except SnapshotError:
                         pass
             self.last_checkpoint_wall = float(snap.metadata.get("created_at", time.time()))
+            self._last_rollback_id = snap.metadata.get("rollback_request")
             log.info("%s: restored v%d (%d samples trained, last ID %s)", self.config.name, v,
                      trainer.samples_trained, last)
             break
@@ -689,8 +700,10 @@ class ModelWorker:
                 or time.monotonic() - self.last_checkpoint >= self.config.snapshot_every_seconds):
             self.checkpoint()
 
-    def checkpoint(self) -> int:
-        """Write the next version, then ack exactly the IDs it covers and trim below them."""
+    def checkpoint(self, extra: dict[str, Any] | None = None) -> int:
+        """Write the next version, then ack exactly the IDs it covers and trim below them.
+
+        ``extra`` is added to the metadata (a rollback names its parent and source)."""
         assert self.trainer is not None
         started = time.perf_counter()
         ids = self.ledger
@@ -704,6 +717,7 @@ class ModelWorker:
             "consumer": self.consumer,
             "stream": self.stream,
         })
+        metadata.update(extra or {})
         tensors = self.trainer.checkpoint_tensors()
         tensors["ledger.ids"] = ledger
         self.store.write(version, tensors, metadata)
@@ -726,6 +740,50 @@ class ModelWorker:
             self.flush_acks(trim=True)
         finally:
             self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        return version
+
+    def rollback(self, request: dict[str, Any]) -> int | None:
+        """Resume training from the requested version N (an operator's ``ROLLBACK`` file).
+
+        What this worker has read is checkpointed and acked first, so every entry it trained
+        stays covered by exactly one ledger (the abandoned versions'). Then N's checkpoint is
+        restored -- weights, momentum, data-norm statistics, counters, label map -- and
+        published as a new version above the latest, with ``rolled_back_from: N`` and
+        ``parent_version: N``: following parents from the newest version lists the entries
+        the live weights learned from, once each. Training continues from the stream position
+        reached (``last_stream_id`` is ours, not N's): what came after N is not retrained.
+        Returns the new version, or None if N cannot be restored (the request is dropped and
+        training goes on unchanged).
+        """
+        target = int(request["version"])
+        request_id = request.get("id")
+        if request_id is not None and request_id == self._last_rollback_id:
+            self.store.clear_rollback_request(request_id)  # done before a crash or restart
+            return None
+        self._drain_prefetch()
+        if self.dirty:
+            self.checkpoint()
+        self.flush_acks()
+        trainer = ModelTrainer(self.config, self.device)
+        try:
+            trainer.restore(self.store.read(target))
+        except SnapshotError as exc:
+            log.error("%s: rollback to v%d refused: %s", self.config.name, target, exc)
+            self.store.clear_rollback_request(request_id)
+            return None
+        counts = self.redis.hgetall(self.dead_counts)
+        if counts:  # dead letters are counted model-wide, across rollbacks
+            trainer.dead_letters.update({k.decode(): int(v) for k, v in counts.items()})
+        previous = self.version
+        self.trainer = trainer
+        self.dirty = True
+        version = self.checkpoint(extra={"parent_version": target, "rolled_back_from": target,
+                                         "rolled_back_version": previous,
+                                         "rollback_request": request_id})
+        self._last_rollback_id = request_id
+        self.store.clear_rollback_request(request_id)
+        log.warning("%s: rolled back to v%d (was v%d), published as v%d", self.config.name,
+                    target, previous, version)
         return version
 
     def flush_acks(self, trim: bool = False) -> None:
