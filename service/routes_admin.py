@@ -64,6 +64,8 @@ class VersionList(BaseModel):
     latest: int | None
     pinned: int | None
     served: int | None
+    rollback_pending: dict[str, Any] | None = Field(None, description="a rollback request the "
+                                                    "worker has not carried out yet")
     versions: list[VersionInfo]
 
 

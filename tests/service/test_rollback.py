@@ -4,8 +4,10 @@ request, the running worker restores N, publishes it as a new version and trains
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import redis
 import torch
 from fastapi.testclient import TestClient
@@ -101,3 +103,42 @@ def test_rollback_resumes_from_version_n_without_retraining(redis_server,
                                snap_rb.tensors["model.layers.0.weight"])
         wait_until(lambda: r.xlen(keys.samples_stream(MODEL)) == 0, timeout=10,
                    what="stream trimmed")
+
+
+def _entry(xi: np.ndarray, label: str) -> dict[str, str]:
+    """A stream entry as redis-cli writes it: JSON features, the label a bare word."""
+    return {"x": json.dumps(xi.tolist()), "y": label}
+
+
+def test_rollback_of_an_open_label_set_restores_its_label_map(redis_server,
+                                                             tmp_path: Path) -> None:
+    """Rolled back past a new label, the map and the output layer are N's again; the label
+    is new once more when it comes back, and takes the next unit."""
+    cfg = small_config(open_classes=True, keep_snapshots=100, snapshot_every_seconds=0.2)
+    settings = make_settings(redis_server.url, tmp_path, cfg)
+    r = redis.Redis.from_url(redis_server.url)
+    store = SnapshotStore(settings.snapshot_dir, MODEL)
+    x, _ = synthetic(30, seed=4)
+    stream = keys.samples_stream(MODEL)
+    with running_worker(settings):
+        for i in range(10):
+            r.xadd(stream, _entry(x[i], "ab"[i % 2]))
+        wait_until(lambda: _trained(store, 10), timeout=30, what="10 trained")
+        n = store.latest_version()
+        assert n is not None and store.read_header_metadata(n)["label_map"] == ["a", "b"]
+        for i in range(10, 20):
+            r.xadd(stream, _entry(x[i], "abc"[i % 3]))
+        wait_until(lambda: _trained(store, 20), timeout=30, what="20 trained")
+        grown = store.read_header_metadata(store.latest_version())  # type: ignore[arg-type]
+        assert grown["label_map"] == ["a", "b", "c"]
+        assert grown["output_units"] == 3
+        store.request_rollback(n)
+        wait_until(lambda: store.rollback_request() is None, timeout=30, what="rollback")
+        meta = store.read_header_metadata(store.latest_version())  # type: ignore[arg-type]
+        assert meta["rolled_back_from"] == n
+        assert meta["label_map"] == ["a", "b"] and meta["output_units"] == 2
+        for i in range(20, 30):
+            r.xadd(stream, _entry(x[i], "d"))
+        wait_until(lambda: _trained(store, 20), timeout=30, what="10 more trained")
+        meta = store.read_header_metadata(store.latest_version())  # type: ignore[arg-type]
+        assert meta["label_map"] == ["a", "b", "d"] and meta["output_units"] == 3
