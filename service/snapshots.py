@@ -231,20 +231,14 @@ class SnapshotStore:
 
     def read(self, version: int) -> Snapshot:
         """Read one version; :class:`SnapshotError` if it is missing, truncated or corrupt."""
-        path = self.path(version)
+        meta = self.read_header_metadata(version)
         try:
-            tensors = load_file(str(path))
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                if header_len <= 0 or header_len > 100_000_000:
-                    raise SnapshotError(f"{path.name}: bad header length")
-                header = json.loads(f.read(header_len))
-            meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "{}"))
+            tensors = load_file(str(self.path(version)))
         except FileNotFoundError:
             raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist") from None
-        except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as exc:
+        except (SafetensorError, ValueError, OSError) as exc:
             raise SnapshotError(f"snapshot v{version} of {self.model!r} is unreadable: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("version") != version:
+        if meta.get("version") != version:
             raise SnapshotError(f"snapshot v{version} of {self.model!r} has inconsistent metadata")
         return Snapshot(version, tensors, meta)
 
