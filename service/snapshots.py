@@ -222,12 +222,7 @@ class SnapshotStore:
         return target
 
     def _write_pointer(self, version: int) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-latest-")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{version}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._latest)
+        _atomic_write_text(self._latest, f"{version}\n")
 
     def read(self, version: int) -> Snapshot:
         """Read one version; :class:`SnapshotError` if it is missing, truncated or corrupt."""
@@ -295,17 +290,8 @@ class SnapshotStore:
         with self._pin_lock():
             if not self.path(version).exists():
                 raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist")
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-pinned-")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(f"{version}\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._pinned)
-                _fsync_dir(self.dir)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            _atomic_write_text(self._pinned, f"{version}\n")
+            _fsync_dir(self.dir)
 
     def unpin(self) -> None:
         """Follow the newest version again (no-op if nothing is pinned)."""
@@ -321,17 +307,8 @@ class SnapshotStore:
         with self._pin_lock():  # retention cannot delete the version meanwhile
             if not self.path(version).exists():
                 raise SnapshotError(f"snapshot v{version} of {self.model!r} does not exist")
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-rollback-")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(request, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._rollback)
-                _fsync_dir(self.dir)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            _atomic_write_text(self._rollback, json.dumps(request))
+            _fsync_dir(self.dir)
         return request
 
     def rollback_request(self) -> dict[str, Any] | None:
@@ -376,6 +353,20 @@ class SnapshotStore:
             if time.time() - stale.stat().st_mtime > 60:
                 stale.unlink(missing_ok=True)
         return doomed
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` by write, fsync and rename: a reader sees old or new."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name.lower()}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fsync_file(path: str) -> None:

@@ -146,3 +146,12 @@ def metric_value(samples: dict[str, list[tuple[dict[str, str], float]]], name: s
 
 __all__ = ["ApiProcess", "ROOT", "expected_outputs", "free_port", "metric_samples",
            "metric_value", "np_env", "publish", "shared_conftest"]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

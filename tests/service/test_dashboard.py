@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from test_api_support import ROOT, ApiProcess, free_port, np_env, publish
+from test_api_support import ROOT, ApiProcess, free_port, stop_process, np_env, publish
 
 from service.settings import ModelConfig
 from service.snapshots import SnapshotStore
@@ -186,9 +186,5 @@ def test_dashboard_in_a_browser(redis_server, tmp_path: Path) -> None:  # type: 
         assert SCREENSHOT.stat().st_size > 20_000
     finally:
         api.stop()
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
         worker_log.close()

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from test_api_support import ROOT, ApiProcess, free_port, np_env
+from test_api_support import ROOT, ApiProcess, free_port, stop_process, np_env
 
 from service import keys
 
@@ -125,10 +125,6 @@ def test_digits_end_to_end(redis_server, tmp_path: Path) -> None:  # type: ignor
     finally:
         stop.set()
         api.stop()
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
         worker_log.close()
         client.close()

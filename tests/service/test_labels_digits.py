@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_api_support import ROOT, ApiProcess, free_port, metric_samples, metric_value, np_env
+from test_api_support import ROOT, ApiProcess, free_port, stop_process, metric_samples, metric_value, np_env
 
 from service.snapshots import SnapshotStore
 
@@ -184,9 +184,5 @@ def test_predict_then_label_two_apis(redis_server, tmp_path: Path) -> None:  # t
     finally:
         for a in apis:
             a.stop()
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
         worker_log.close()
