@@ -4,7 +4,6 @@ stops all three cleanly."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "default", "input_shape": [4], "num_classes": 2, "spec": "mlp:8",
@@ -39,8 +37,6 @@ def _listening(port: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(importlib.util.find_spec("service.worker") is None,
-                    reason="the worker is not in this checkout")
 def test_run_starts_redis_worker_api_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     api_port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NP_")}

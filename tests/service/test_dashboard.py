@@ -105,7 +105,7 @@ def test_dashboard_in_a_browser(redis_server, tmp_path: Path) -> None:  # type: 
     chromium = _browser()
     from playwright.sync_api import sync_playwright
 
-    sklearn = pytest.importorskip("sklearn.datasets")
+    import sklearn.datasets as sklearn
     digits = sklearn.load_digits()
     x, y = digits.data.astype(np.float32), digits.target
     model = {"name": "default", "input_shape": [64], "num_classes": 10, "spec": "mlp:64,64",

@@ -8,7 +8,6 @@ model's held-out accuracy is at least 90%.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,14 +17,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import redis
 from test_api_support import ROOT, ApiProcess, free_port, stop_process, np_env
 
 from service import keys
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("service.worker") is None,
-                                reason="the worker is not in this checkout")
 
 EPOCHS = 3
 MODEL = {"name": "default", "input_shape": [64], "num_classes": 10, "spec": "mlp:256,256",
@@ -33,7 +28,7 @@ MODEL = {"name": "default", "input_shape": [64], "num_classes": 10, "spec": "mlp
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    sklearn = pytest.importorskip("sklearn.datasets")
+    import sklearn.datasets as sklearn
     data = sklearn.load_digits()
     rng = np.random.default_rng(0)
     order = rng.permutation(len(data.target))

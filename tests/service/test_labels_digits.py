@@ -13,7 +13,6 @@ join is atomic, exactly one wins). Then:
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import subprocess
 import sys
@@ -28,9 +27,6 @@ from test_api_support import ROOT, ApiProcess, free_port, stop_process, metric_s
 
 from service.snapshots import SnapshotStore
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("service.worker") is None,
-                                reason="the worker is not in this checkout")
-
 MODEL = {"name": "default", "input_shape": [64], "num_classes": 10, "spec": "mlp:64",
          "max_batch": 16, "snapshot_every_seconds": 0.3, "snapshot_every_steps": 100,
          "keep_snapshots": 100_000, "label_ttl_seconds": 120}
@@ -40,7 +36,7 @@ BATCH = 4
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    sklearn = pytest.importorskip("sklearn.datasets")
+    import sklearn.datasets as sklearn
     data = sklearn.load_digits()
     order = np.random.default_rng(0).permutation(len(data.target))
     return data.data[order].astype(np.float32), data.target[order]

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
 import torch
 
@@ -39,7 +38,7 @@ CFG = ModelConfig(name="digits", input_shape=[64], open_classes=True, max_classe
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    sklearn = pytest.importorskip("sklearn.datasets")
+    import sklearn.datasets as sklearn
     data = sklearn.load_digits()
     order = np.random.default_rng(0).permutation(len(data.target))
     x, y = data.data[order].astype(np.float32), data.target[order]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.request
@@ -257,7 +256,7 @@ def test_corrupt_newest_snapshot_falls_back(redis_server, tmp_path: Path) -> Non
 
 
 def test_learns_digits_at_batch_size_one(redis_server, tmp_path: Path) -> None:
-    datasets = pytest.importorskip("sklearn.datasets")
+    import sklearn.datasets as datasets
     x_all, y_all = datasets.load_digits(return_X_y=True)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(x_all))
