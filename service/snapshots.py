@@ -10,7 +10,16 @@ One version is one file, ``{data_dir}/snapshots/{model}/v{version:010d}.safetens
 
 Writing is atomic: the file is written under a temporary name, fsynced, renamed into place,
 and only then is the ``LATEST`` pointer replaced (also by rename). A reader therefore sees a
-whole version or none.
+whole version or none. A crash mid-write leaves a ``.tmp-*`` file that nothing reads (it does
+not match the version file pattern) and that :meth:`SnapshotStore.prune` deletes after a minute.
+
+Test hook (fault injection, off by default): ``NP_FAULT_SNAPSHOT_WRITE_DELAY_SECONDS``, read
+once at import, makes :meth:`SnapshotStore.write` sleep that long twice: between the fsynced
+temporary file and its rename (a crash there leaves the temporary file), and after ``LATEST``
+names the new version, before ``write`` returns (a crash there leaves a checkpoint whose
+entries the worker has not acked yet). A test can so SIGKILL the worker in either window
+deterministically (``tests/reliability/test_faults.py``). Unset or 0 (production) it costs
+one comparison per write.
 
 An operator may pin a version: the ``PINNED`` file (the version number, written atomically by
 rename) tells every API replica to serve that version instead of the newest, and retention
@@ -56,6 +65,19 @@ __all__ = ["Snapshot", "SnapshotError", "SnapshotStore", "build_network", "load_
 
 _FILE = re.compile(r"^v(\d{10})\.safetensors$")
 _META_KEY = "normprop"
+
+
+def _fault_delay(name: str) -> float:
+    """A fault-injection delay from the environment (tests only; 0 when unset or bad)."""
+    try:
+        return max(0.0, float(os.environ.get(name, "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+#: TEST HOOK: seconds to sleep before a version's rename and again after it is published
+#: (see the module docstring). 0 in production.
+_WRITE_DELAY = _fault_delay("NP_FAULT_SNAPSHOT_WRITE_DELAY_SECONDS")
 
 
 class SnapshotError(RuntimeError):
@@ -213,12 +235,16 @@ class SnapshotStore:
         try:
             save_file(cpu, tmp, metadata={_META_KEY: json.dumps(meta)})
             _fsync_file(tmp)
+            if _WRITE_DELAY:
+                time.sleep(_WRITE_DELAY)  # test hook: a window to be killed mid-write
             os.replace(tmp, target)
             self._write_pointer(version)
             _fsync_dir(self.dir)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if _WRITE_DELAY:
+            time.sleep(_WRITE_DELAY)  # test hook: published, not yet acted upon by the caller
         return target
 
     def _write_pointer(self, version: int) -> None:
