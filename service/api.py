@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import dashboard, routes_admin, routes_ingest, routes_labels, routes_models, routes_predict
 from .api_metrics import ApiMetrics
+from .redis_options import tls_options
 from .routes_common import ApiError, ApiState, api_state, error_response, json_response
 from .serving import ModelServer
 from .settings import Settings
@@ -147,26 +148,36 @@ def _redis_client(settings: Settings) -> Redis:
                           socket_connect_timeout=settings.redis_connect_timeout,
                           retry=Retry(ExponentialBackoff(cap=0.05, base=0.01),
                                       min(settings.redis_retries, 1)),
-                          health_check_interval=0)
+                          health_check_interval=0, **tls_options(settings))
 
 
 async def _ping(state: ApiState) -> bool:
+    return await _ping_error(state) is None
+
+
+async def _ping_error(state: ApiState) -> str | None:
+    """None if Redis answers a PING, else why not (for the log: a wrong password, a TLS
+    failure and a refused connection read differently; redis-py's messages hold no password)."""
     assert state.redis is not None
     try:
         await asyncio.wait_for(state.redis.ping(),
                                timeout=min(state.settings.redis_socket_timeout, 2.0))
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "down" for this ping
-        return False
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "down" for this ping
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def _watch_redis(state: ApiState) -> None:
     """Ping Redis every second; the gauge and ``redis_ok`` follow (recovery is automatic)."""
     previous: bool | None = None
     while True:
-        ok = await _ping(state)
+        error = await _ping_error(state)
+        ok = error is None
         if ok != previous and (previous is not None or not ok):
-            log.warning("Redis is %s", "reachable again" if ok else "unreachable")
+            if ok:
+                log.warning("Redis is reachable again")
+            else:
+                log.warning("Redis is unreachable (%s)", error)
         previous = ok
         state.redis_ok = ok
         state.metrics.redis_up.set(1 if ok else 0)

@@ -312,12 +312,14 @@ def push_file(settings: Settings, path: Path, model: str, batch: int = 500,
 
     from . import keys
     from .codec import DecodeError, EntryCodec
+    from .redis_options import tls_options
 
     codec = EntryCodec(settings.model(model))
     stream = keys.samples_stream(model)
     client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
                                   socket_timeout=settings.redis_socket_timeout,
-                                  socket_connect_timeout=settings.redis_connect_timeout)
+                                  socket_connect_timeout=settings.redis_connect_timeout,
+                                  **tls_options(settings))
     total = _count_rows(path)
     pushed = skipped = 0
     pending: list[dict[str, bytes]] = []
@@ -373,6 +375,8 @@ def push(file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=
     """Push a data file into a model's training stream (validated, pipelined XADD)."""
     import redis
 
+    from .redis_options import redact_url
+
     settings = Settings()
     try:
         settings.model(model)
@@ -388,8 +392,8 @@ def push(file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     except redis.RedisError as exc:
-        typer.echo(f"Redis at {settings.redis_url or 'redis://127.0.0.1:6379/0'} is unavailable: "
-                   f"{exc}", err=True)
+        typer.echo(f"Redis at {redact_url(settings.redis_url or 'redis://127.0.0.1:6379/0')} "
+                   f"is unavailable: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"pushed {pushed} samples to {model!r}" + (f", skipped {skipped}" if skipped else ""))
 

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (BaseModel, Field, FilePath, SecretStr, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ModelConfig", "Settings", "MODEL_NAME_PATTERN", "MAX_LABEL_LENGTH", "label_key"]
@@ -143,13 +144,21 @@ class ModelConfig(BaseModel):
 class Settings(BaseSettings):
     """Service settings; every field is an ``NP_``-prefixed environment variable."""
 
-    model_config = SettingsConfigDict(env_prefix="NP_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a validation error must not echo NP_REDIS_URL (its password).
+    model_config = SettingsConfigDict(env_prefix="NP_", env_file=None, extra="ignore",
+                                      hide_input_in_errors=True)
 
     # Redis. None: the CLI's `run` starts a private redis-server child and fills this in.
     redis_url: str | None = None
     redis_socket_timeout: float = Field(5.0, gt=0)
     redis_connect_timeout: float = Field(2.0, gt=0)
     redis_retries: int = Field(5, ge=0)
+    # TLS (``rediss://`` URLs only): the CA that signed the server's certificate, and a client
+    # certificate and key where the server requires one (see service/redis_options.py).
+    redis_ssl_ca_certs: FilePath | None = None
+    redis_ssl_certfile: FilePath | None = None
+    redis_ssl_keyfile: FilePath | None = None
+    redis_ssl_check_hostname: bool = True
 
     # Models.
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
@@ -188,6 +197,15 @@ class Settings(BaseSettings):
     #: Optional: the worker's /metrics (e.g. http://worker:9100/metrics); the dashboard then
     #: shows the exact batch-size mix from its histogram, else the mean batch per checkpoint.
     dashboard_worker_metrics_url: str | None = None
+
+    @model_validator(mode="after")
+    def _redis_tls_needs_rediss(self) -> Settings:
+        tls = [f for f in ("redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile")
+               if getattr(self, f) is not None]
+        if tls and self.redis_url is not None and not self.redis_url.startswith("rediss://"):
+            raise ValueError(f"NP_{tls[0].upper()} is set but NP_REDIS_URL is not a rediss:// "
+                             "URL (TLS options apply to rediss:// only)")
+        return self
 
     @model_validator(mode="after")
     def _load_models_file(self) -> Settings:

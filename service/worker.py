@@ -63,6 +63,7 @@ from redis.retry import Retry
 
 from . import keys
 from .codec import DecodeError, EntryCodec, Sample
+from .redis_options import tls_options
 from .settings import ModelConfig, Settings
 from .snapshots import Snapshot, SnapshotError, SnapshotStore
 from .trainer import ModelTrainer, resolve_device
@@ -178,6 +179,7 @@ def connect(settings: Settings) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.redis_retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
+        **tls_options(settings),
     )
 
 
