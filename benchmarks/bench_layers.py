@@ -20,6 +20,11 @@ Run::
     python benchmarks/bench_layers.py --quick      # fewer repeats
     python benchmarks/bench_layers.py --only mlp   # or: nin
     python benchmarks/bench_layers.py --threads 1 --clock cpu   # on a machine shared with others
+    python benchmarks/bench_layers.py --device cuda             # on a GPU (adds larger batches)
+    python benchmarks/bench_layers.py --device cuda --cuda-graphs   # each step as a CUDA graph
+
+On a GPU every timed call ends with ``torch.cuda.synchronize()``, so a step's time is the time
+until its kernels have finished, not until they were queued.
 
 BatchNorm cannot take a training step at batch size 1 in PyTorch (``BatchNorm1d`` raises
 ``ValueError: Expected more than 1 value per channel when training``); that cell prints ``error``.
@@ -67,11 +72,23 @@ def tune_malloc() -> str:
         return "glibc not found: default allocator"
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU kernels (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def make_net(spec: str, shape: int | tuple[int, ...], norm: str, data: torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
     net = build_model(spec, shape, 10, norm=norm, data_norm="global")  # type: ignore[arg-type]
     net.data_norm.fit(data)
-    return net
+    return net.to(DEVICE)
+
+
+CUDA_GRAPHS = False
 
 
 def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -86,7 +103,32 @@ def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Call
         if norm == "normprop":
             project_weights_(net)
 
-    return step
+    return captured(step) if CUDA_GRAPHS else step
+
+
+def captured(step: Callable[[], None]) -> Callable[[], None]:
+    """The whole step (forward, backward, SGD, projection) captured once as a CUDA graph and
+    replayed: no Python and no per-kernel launch cost, so what is left is GPU work -- the
+    setting of the paper's GPU timing (Theano compiled the whole step). Warm-up steps on a side
+    stream first create the momentum buffers, as torch's whole-network capture recipe requires.
+    BatchNorm1d at batch size 1 raises here as in eager mode."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay() -> None:
+        # ``step`` stays referenced: its net, optimiser and gradients own the memory the graph
+        # reads and writes (freed, it would be handed to the next variant's tensors).
+        assert step is not None
+        graph.replay()
+
+    return replay
 
 
 STAT: Callable[[list[float]], float] = statistics.median
@@ -103,8 +145,10 @@ def round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
     start = time.perf_counter()
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync()
             t0 = CLOCK()
             fn()
+            sync()
             times[k].append(CLOCK() - t0)
         if budget_s is not None and time.perf_counter() - start > budget_s and len(times[k]) >= 5:
             break
@@ -118,14 +162,14 @@ def bench_training(name: str, spec: str, shape: int | tuple[int, ...], batches: 
     data = torch.randn(512, *full)
     for b in batches:
         g = torch.Generator().manual_seed(b)
-        x = torch.randn(b, *full, generator=g) * 2.0 + 0.5
-        y = torch.randint(0, 10, (b,), generator=g)
+        x = (torch.randn(b, *full, generator=g) * 2.0 + 0.5).to(DEVICE)
+        y = torch.randint(0, 10, (b,), generator=g).to(DEVICE)
         fns: dict[str, Callable[[], None]] = {}
         errors: dict[str, str] = {}
         for norm in NORMS:
             net = make_net(spec, shape, norm, data)
-            fn = step_fn(net, norm, x, y)
             try:
+                fn = step_fn(net, norm, x, y)
                 fn()
             except Exception as exc:  # BatchNorm1d at batch size 1
                 errors[norm] = f"{type(exc).__name__}: {exc}"
@@ -154,7 +198,7 @@ def bench_inference(name: str, spec: str, shape: int | tuple[int, ...], batches:
     normprop = make_net(spec, shape, "normprop", data).eval()
     folded = fold(normprop)
     for b in batches:
-        x = torch.randn(b, *full, generator=torch.Generator().manual_seed(100 + b))
+        x = torch.randn(b, *full, generator=torch.Generator().manual_seed(100 + b)).to(DEVICE)
         with torch.no_grad():
             err = (folded(x) - normprop(x)).abs().max().item()
             fns = {"plain": lambda: plain.layers(x), "folded": lambda: folded(x),
@@ -178,29 +222,43 @@ def main() -> None:
                              "for a core (use with --threads 1 on a shared machine)")
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                         help="tuned (default): see tune_malloc(); default: leave glibc as is")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each variant's whole training step as a CUDA graph")
     args = parser.parse_args()
-    global STAT, CLOCK
+    global STAT, CLOCK, DEVICE, CUDA_GRAPHS
+    DEVICE = torch.device(args.device)
+    gpu = DEVICE.type == "cuda"
+    CUDA_GRAPHS = args.cuda_graphs
+    if CUDA_GRAPHS and not gpu:
+        parser.error("--cuda-graphs needs --device cuda")
     STAT = min if args.stat == "min" else statistics.median
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     parser_note = tune_malloc() if args.malloc == "tuned" else "default allocator settings"
     if args.threads:
         torch.set_num_threads(args.threads)
     q = 0.3 if args.quick else 1.0
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; {parser_note}")
-    print(f"training step: {args.stat} {args.clock} time per step (ratio to plain)")
+    where = (torch.cuda.get_device_name(DEVICE) if gpu else
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; {parser_note}")
+    print(f"training step: {args.stat} {args.clock} time per step (ratio to plain)"
+          f"{', whole step replayed as a CUDA graph' if CUDA_GRAPHS else ''}")
     print(f"{'':15s} | " + " | ".join(f"{n:>20s}" for n in NORMS))
     if args.only in (None, "mlp"):
-        bench_training("MLP", MLP_SPEC, MLP_INPUT, [1, 32, 256],
-                       {1: int(400 * q), 32: int(100 * q), 256: int(40 * q)}, budget_s=60 * q)
+        mlp_batches = [1, 32, 256, 1024] if gpu else [1, 32, 256]
+        mlp_repeats = {b: int((400 if gpu else r) * q) for b, r in
+                       {1: 400, 32: 100, 256: 40, 1024: 40}.items()}
+        bench_training("MLP", MLP_SPEC, MLP_INPUT, mlp_batches, mlp_repeats, budget_s=60 * q)
     if args.only in (None, "nin"):
-        bench_training("NIN", "nin-cifar", (3, 32, 32), [1, 50], {1: int(60 * q), 50: int(12 * q)},
-                       budget_s=90 * q)
+        nin_batches = [1, 50, 128] if gpu else [1, 50]
+        nin_repeats = {b: int((200 if gpu else r) * q) for b, r in {1: 60, 50: 12, 128: 12}.items()}
+        bench_training("NIN", "nin-cifar", (3, 32, 32), nin_batches, nin_repeats, budget_s=90 * q)
     print("inference (eval, no_grad): folded NormProp vs the plain net's layers")
     if args.only in (None, "mlp"):
-        bench_inference("MLP", MLP_SPEC, MLP_INPUT, [1, 32, 256], int(200 * q), budget_s=30 * q)
+        bench_inference("MLP", MLP_SPEC, MLP_INPUT, mlp_batches, int(200 * q), budget_s=30 * q)
     if args.only in (None, "nin"):
-        bench_inference("NIN", "nin-cifar", (3, 32, 32), [1, 50], int(30 * q), budget_s=40 * q)
+        bench_inference("NIN", "nin-cifar", (3, 32, 32), nin_batches, int(30 * q),
+                        budget_s=40 * q)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ Run::
     python benchmarks/bench_stream.py                  # default model, batches 1 and 64
     python benchmarks/bench_stream.py --quick
     python benchmarks/bench_stream.py --spec mlp:128,128 --features 19 --classes 7
+    python benchmarks/bench_stream.py --device cuda    # all three on the GPU (pinned copies)
+
+On a GPU each runner synchronises at the end of its chunk, so queued kernels are counted.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -57,14 +59,22 @@ def _data(n: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarra
     return (centres[y] + rng.normal(size=(n, features))).astype(np.float32), y
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 class StepRunner:
     """``normprop.train_step`` alone on ready-made tensors (the model's ceiling)."""
 
     def __init__(self, cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int) -> None:
-        self.trainer = ModelTrainer(cfg, torch.device("cpu"))
+        self.trainer = ModelTrainer(cfg, DEVICE)
         lr = normprop.scaled_lr(cfg.lr, batch, cfg.lr_scaling)
         self.trainer.optimizer.param_groups[0]["lr"] = lr
-        xs, ys = torch.from_numpy(x), torch.from_numpy(y).long()
+        xs, ys = torch.from_numpy(x).to(DEVICE), torch.from_numpy(y).long().to(DEVICE)
         self.batches = [(xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(x), batch)]
         self.batch, self.pos = batch, 0
 
@@ -74,6 +84,7 @@ class StepRunner:
             bx, by = self.batches[self.pos % len(self.batches)]
             normprop.train_step(self.trainer.model, self.trainer.optimizer, bx, by)
             self.pos += 1
+        sync()
         return steps * self.batch, time.perf_counter() - start
 
 
@@ -81,7 +92,7 @@ class TrainerRunner:
     """``ModelTrainer.train_batch`` on decoded samples (adds collation, scoring, counters)."""
 
     def __init__(self, cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int) -> None:
-        self.trainer = ModelTrainer(cfg, torch.device("cpu"))
+        self.trainer = ModelTrainer(cfg, DEVICE)
         samples = [Sample(x[i], int(y[i])) for i in range(len(x))]
         self.groups = [samples[i:i + batch] for i in range(0, len(samples), batch)]
         self.batch, self.pos = batch, 0
@@ -91,6 +102,7 @@ class TrainerRunner:
         for _ in range(steps):
             self.trainer.train_batch(self.groups[self.pos % len(self.groups)])
             self.pos += 1
+        sync()
         return steps * self.batch, time.perf_counter() - start
 
 
@@ -112,7 +124,8 @@ class StreamRunner:
             if i % 5000 == 4999:
                 pipe.execute()
         pipe.execute()
-        settings = Settings(redis_url=url, models=[cfg], data_dir=data_dir, device="cpu",
+        settings = Settings(redis_url=url, models=[cfg], data_dir=data_dir,
+                            device=DEVICE.type,  # type: ignore[arg-type]
                             worker_metrics_port=0, consumer_name="bench")
         self.metrics = WorkerMetrics()
         self.worker = ModelWorker(settings, cfg, self.metrics, threading.Event(), "bench")
@@ -125,6 +138,7 @@ class StreamRunner:
         start = time.perf_counter()
         while w.trainer is None or w.trainer.samples_trained < target:
             w.run_once()
+        sync()
         return w.trainer.samples_trained - before, time.perf_counter() - start
 
     def checkpoints(self) -> tuple[float, float]:
@@ -147,7 +161,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: 2-core box)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import RedisServer  # a private redis-server, AOF on as in production
@@ -157,6 +174,7 @@ def main() -> None:
     server.start()
     print(f"# bench_stream: {args.spec}, {args.features} features, {args.classes} classes, "
           f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or 'cpu'}"
+          f"{', ' + torch.cuda.get_device_name(DEVICE) if DEVICE.type == 'cuda' else ''}"
           f", redis AOF everysec, checkpoint defaults (every 500 steps / 2 s, fsync)")
     print(f"{'max_batch':>9} {'step/s':>10} {'trainer/s':>10} {'stream/s':>10} "
           f"{'stream/step':>11} {'trainer/step':>12}")
