@@ -21,8 +21,15 @@ effect is on disk, so after a crash every trained-but-uncheckpointed entry is st
 is trained again from the restored state, while an entry the restored checkpoint already covers
 (crash between the write and the XACK) is recognised by the checkpoint's ledger, acked and
 skipped. Acks of a written checkpoint are flushed before anything new is read, so only the
-newest checkpoint's ledger can hold unacked IDs. Each checkpoint names its parent version; the
-ledgers along that chain list every ID trained, once.
+newest checkpoint's ledger can hold unacked IDs -- unless Redis restarts from an AOF that lost
+its last second (``appendfsync everysec`` on a host crash): then acks of several checkpoints
+and the group's deliveries are rolled back, and entries come back pending or are delivered
+again. Entries are read in ID order, so every entry at or below the high-water mark (the last ID
+processed, restored from the checkpoint) was trained into a checkpoint on the chain or
+dead-lettered: such an entry is acked and never trained again, however many checkpoints ago it
+was covered (a malformed one is dead-lettered again: its dead letter was rolled back with the
+ack). Each checkpoint names its parent version; the ledgers along that chain list every ID
+trained, once.
 
 Restart: restore the newest readable snapshot (a corrupt newest one falls back to the previous),
 claim other consumers' pending entries (XAUTOCLAIM, the previous lease holder's), re-read our
@@ -64,7 +71,7 @@ from redis.retry import Retry
 from . import keys
 from .codec import DecodeError, EntryCodec, Sample
 from .redis_options import tls_options
-from .settings import ModelConfig, Settings
+from .settings import ModelConfig, Settings, label_key
 from .snapshots import Snapshot, SnapshotError, SnapshotStore
 from .trainer import ModelTrainer, resolve_device
 from .worker_metrics import ModelMetrics, WorkerMetrics
@@ -480,10 +487,47 @@ class ModelWorker:
             self._maybe_checkpoint()
         self._forget_idle_consumers()
         self.flush_acks(trim=True)
+        counts = self.redis.hgetall(self.dead_counts)
+        if counts and self.trainer is not None:
+            # Redis' count is the truth (a dead letter lost with an older AOF was counted here,
+            # then again when it was redelivered).
+            self.trainer.dead_letters.update({k.decode(): int(v) for k, v in counts.items()})
         self.needs_recovery = False
 
     def _is_covered(self, eid: bytes) -> bool:
         return any(eid in ledger for ledger in self.covered)
+
+    def _redelivered(self, eid: bytes, fields: dict[bytes, bytes], ack_now: list[bytes],
+                     dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]]) -> None:
+        """An entry at or below the high-water mark came back (Redis lost our ack or its
+        delivery): it was processed already, so it is acked, never trained again.
+
+        Every entry up to the high-water mark was trained into a checkpoint on the version
+        chain or dead-lettered. A dead letter's XADD and XACK are one transaction, so if the
+        ack was lost the dead letter was too: a malformed entry is dead-lettered again.
+        """
+        try:
+            sample = self.codec.decode(fields)
+        except DecodeError as err:
+            dead.append((eid, fields, err))
+            return
+        trainer = self.trainer
+        if trainer is not None and trainer.label_map is not None:
+            # A user label it could not map (a fixed set's stranger, an open set at its limit)
+            # was dead-lettered, not trained. Checked without growing the label map.
+            known = {label_key(label) for label in trainer.label_map}
+            if label_key(sample.y) not in known:  # type: ignore[arg-type]
+                if self.config.label_set != "open":
+                    dead.append((eid, fields, DecodeError(
+                        "unknown_label", f"label {sample.y!r:.80} is not one of the model's "
+                                         "classes")))
+                    return
+                if len(trainer.label_map) >= self.config.max_classes:
+                    dead.append((eid, fields, DecodeError(
+                        "too_many_classes", f"label {sample.y!r:.80}: max_classes is "
+                                            f"{self.config.max_classes}")))
+                    return
+        ack_now.append(eid)
 
     def _forget_idle_consumers(self) -> None:
         """Delete other consumers with nothing pending (dead predecessors), keeping XINFO tidy."""
@@ -506,7 +550,14 @@ class ModelWorker:
             for eid, fields in entries:
                 if fields is None or self._is_covered(eid):
                     ack_now.append(eid)  # trimmed away, or in the checkpoint already
-                elif in_ledger is None or eid not in in_ledger:
+                elif in_ledger is not None and eid in in_ledger:
+                    continue  # trained since the last checkpoint, which will ack it
+                elif parse_id(eid) <= self.high_water:
+                    # Processed before, by a checkpoint older than ``covered`` remembers: Redis
+                    # restarted from an AOF that lost the ack (everysec: up to a second of
+                    # checkpoints). Never train it again; see _redelivered.
+                    self._redelivered(eid, fields, ack_now, dead)
+                else:
                     fresh.append((eid, fields))
                     self.high_water = max(self.high_water, parse_id(eid))
         elif entries:
@@ -517,7 +568,7 @@ class ModelWorker:
                 fresh = []
                 for eid, fields in entries:
                     if parse_id(eid) <= self.high_water:
-                        ack_now.append(eid)
+                        self._redelivered(eid, fields, ack_now, dead)  # type: ignore[arg-type]
                     else:
                         fresh.append((eid, fields))
             if fresh:

@@ -223,5 +223,157 @@ class Predictor:
         return [o for o in list(self.outcomes) if t0 <= o.t0 < t1]
 
 
-__all__ = ["Archiver", "LedgerProof", "Outcome", "Predictor", "ROOT", "free_port", "service_env",
+class Producer:
+    r"""Writes labelled samples on its own thread, alternating ``POST /ingest`` through the API
+    (when ``api_url`` is given) and raw ``XADD``\s (one MULTI per batch) straight to Redis;
+    every ``bad_every``-th raw entry is malformed (``wrong_length``). Records what was accepted
+    and what was not:
+
+    * ``good`` / ``bad``: stream IDs acknowledged to the producer (``bad``: malformed ones);
+    * ``refused``: samples certainly not written (a 503 before anything was sent, a refused
+      connection); ``ambiguous``: samples whose write may or may not have happened (the
+      connection broke or timed out after the request was sent) -- the one thing a producer
+      cannot know, so the tests bound it rather than assume it;
+    * ``accept_times``: ``(time.monotonic(), n)`` of each accepted batch.
+
+    ``hold()`` pauses it between batches (the test reads Redis' state in between).
+    """
+
+    def __init__(self, redis_url: str, api_url: str | None, cfg: ModelConfig, seed: int = 0,
+                 batch: int = 8, pause: float = 0.02, bad_every: int = 50) -> None:
+        from service.codec import EntryCodec
+        from worker_helpers import synthetic
+
+        self.redis_url = redis_url
+        self.api_url = api_url
+        self.cfg = cfg
+        self.codec = EntryCodec(cfg)
+        self.x, self.y = synthetic(200_000, num_features=cfg.num_features,
+                                   num_classes=cfg.num_classes, seed=seed)
+        self.batch = batch
+        self.pause = pause
+        self.bad_every = bad_every
+        self.good: list[bytes] = []
+        self.bad: dict[bytes, str] = {}
+        self.refused = 0
+        self.ambiguous = 0
+        self.errors: list[str] = []
+        self.accept_times: list[tuple[float, int]] = []
+        self._i = 0
+        self._round = 0
+        self._stop = threading.Event()
+        self._hold = threading.Event()
+        self._holding = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="producer", daemon=True)
+
+    def start(self) -> Producer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._hold.clear()
+        self._thread.join(30)
+
+    def hold(self) -> None:
+        """Pause between batches; returns once the producer is paused."""
+        self._holding.clear()
+        self._hold.set()
+        assert self._holding.wait(30), "the producer did not pause"
+
+    def release(self) -> None:
+        self._hold.clear()
+
+    def accepted_since(self, t: float) -> int:
+        return sum(n for t1, n in list(self.accept_times) if t1 >= t)
+
+    def first_accept_after(self, t: float) -> float | None:
+        return next((t1 for t1, _ in list(self.accept_times) if t1 >= t), None)
+
+    def _raw_client(self) -> Any:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries: a retried MULTI after a lost reply could write the batch twice.
+        return redis.Redis.from_url(self.redis_url, socket_timeout=2.0,
+                                    socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
+
+    def _run(self) -> None:
+        import redis
+
+        from service import keys
+
+        stream = keys.samples_stream(self.cfg.name)
+        raw = self._raw_client()
+        http = httpx.Client(base_url=self.api_url, timeout=10) if self.api_url else None
+        try:
+            while not self._stop.is_set():
+                if self._hold.is_set():
+                    self._holding.set()
+                    while self._hold.is_set() and not self._stop.is_set():
+                        time.sleep(0.005)
+                    continue
+                lo, hi = self._i, self._i + self.batch
+                self._i = hi
+                self._round += 1
+                if http is not None and self._round % 2:
+                    self._via_api(http, lo, hi)
+                else:
+                    self._via_redis(raw, stream, lo, hi, redis)
+                self._stop.wait(self.pause)
+        finally:
+            raw.close()
+            if http is not None:
+                http.close()
+
+    def _via_api(self, http: httpx.Client, lo: int, hi: int) -> None:
+        body = {"samples": [{"x": self.x[j].tolist(), "y": int(self.y[j])}
+                            for j in range(lo, hi)]}
+        n = hi - lo
+        try:
+            r = http.post("/ingest", json=body)
+        except httpx.HTTPError as exc:
+            self.errors.append(f"api: {exc!r}"[:200])
+            self.ambiguous += n
+            return
+        if r.status_code == 202:
+            self.good += [i.encode() for i in r.json()["ids"]]
+            self.accept_times.append((time.monotonic(), n))
+        elif r.status_code == 503 and "Redis is down" in r.text:
+            self.refused += n  # answered from the API's Redis health flag: nothing was sent
+        else:
+            # 503 after a Redis error mid-request: the MULTI may have been executed.
+            self.errors.append(f"api {r.status_code}: {r.text[:160]}")
+            self.ambiguous += n
+
+    def _via_redis(self, raw: Any, stream: str, lo: int, hi: int, redis: Any) -> None:
+        pipe = raw.pipeline(transaction=True)
+        kinds: list[bool] = []
+        for j in range(lo, hi):
+            if j % self.bad_every == self.bad_every - 1:
+                pipe.xadd(stream, {"x": "[1, 2]", "y": "0"})
+                kinds.append(False)
+            else:
+                pipe.xadd(stream, self.codec.encode(self.x[j], int(self.y[j])))
+                kinds.append(True)
+        try:
+            ids = pipe.execute()
+        except redis.RedisError as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            if "refused" in text.lower() or "Error 111" in text:
+                self.refused += len(kinds)
+            else:
+                self.errors.append(f"raw: {text}"[:200])
+                self.ambiguous += len(kinds)
+            return
+        for ok, eid in zip(kinds, ids):
+            if ok:
+                self.good.append(eid)
+            else:
+                self.bad[eid] = "wrong_length"
+        self.accept_times.append((time.monotonic(), len(kinds)))
+
+
+__all__ = ["Archiver", "LedgerProof", "Outcome", "Predictor", "Producer", "ROOT", "free_port", "service_env",
            "sid", "spawn_worker", "tail", "trained_ids", "worker_gauge"]
