@@ -22,6 +22,7 @@ Run::
     python benchmarks/bench_layers.py --threads 1 --clock cpu   # on a machine shared with others
     python benchmarks/bench_layers.py --device cuda             # on a GPU (adds larger batches)
     python benchmarks/bench_layers.py --device cuda --cuda-graphs   # each step as a CUDA graph
+    python benchmarks/bench_layers.py --device cuda --compile       # torch.compile'd forward
 
 On a GPU every timed call ends with ``torch.cuda.synchronize()``, so a step's time is the time
 until its kernels have finished, not until they were queued.
@@ -81,11 +82,21 @@ def sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
+COMPILE = False
+
+
 def make_net(spec: str, shape: int | tuple[int, ...], norm: str, data: torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
     net = build_model(spec, shape, 10, norm=norm, data_norm="global")  # type: ignore[arg-type]
     net.data_norm.fit(data)
     return net.to(DEVICE)
+
+
+def forward_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The net itself, or under ``--compile`` its ``torch.compile``d forward (the optimiser
+    step and the projection stay eager). NormProp layers take their composite formula when
+    compiled, which the compiler fuses (see ``NormPropLayer._use_fast_path``)."""
+    return torch.compile(net, dynamic=True) if COMPILE else net
 
 
 CUDA_GRAPHS = False
@@ -94,10 +105,11 @@ CUDA_GRAPHS = False
 def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     opt = paper_optimizer(net, lr=1e-3)
     net.train()
+    forward = forward_of(net)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
         if norm == "normprop":
@@ -225,8 +237,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each variant's whole training step as a CUDA graph")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each variant's forward (training steps only)")
+    parser.add_argument("--training-only", action="store_true", help="skip the inference part")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated batch sizes for both nets (default: per net)")
     args = parser.parse_args()
-    global STAT, CLOCK, DEVICE, CUDA_GRAPHS
+    global STAT, CLOCK, DEVICE, CUDA_GRAPHS, COMPILE
+    COMPILE = args.compile
     DEVICE = torch.device(args.device)
     gpu = DEVICE.type == "cuda"
     CUDA_GRAPHS = args.cuda_graphs
@@ -242,17 +260,21 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {where}; {parser_note}")
     print(f"training step: {args.stat} {args.clock} time per step (ratio to plain)"
-          f"{', whole step replayed as a CUDA graph' if CUDA_GRAPHS else ''}")
+          f"{', whole step replayed as a CUDA graph' if CUDA_GRAPHS else ''}"
+          f"{', forward torch.compile(dynamic=True)' if COMPILE else ''}")
+    chosen = [int(b) for b in args.batches.split(",")] if args.batches else None
     print(f"{'':15s} | " + " | ".join(f"{n:>20s}" for n in NORMS))
     if args.only in (None, "mlp"):
-        mlp_batches = [1, 32, 256, 1024] if gpu else [1, 32, 256]
-        mlp_repeats = {b: int((400 if gpu else r) * q) for b, r in
-                       {1: 400, 32: 100, 256: 40, 1024: 40}.items()}
+        mlp_batches = chosen or ([1, 32, 256, 1024] if gpu else [1, 32, 256])
+        mlp_repeats = {b: int((400 if gpu else {1: 400, 32: 100}.get(b, 40)) * q)
+                       for b in mlp_batches}
         bench_training("MLP", MLP_SPEC, MLP_INPUT, mlp_batches, mlp_repeats, budget_s=60 * q)
     if args.only in (None, "nin"):
-        nin_batches = [1, 50, 128] if gpu else [1, 50]
-        nin_repeats = {b: int((200 if gpu else r) * q) for b, r in {1: 60, 50: 12, 128: 12}.items()}
+        nin_batches = chosen or ([1, 50, 128] if gpu else [1, 50])
+        nin_repeats = {b: int((200 if gpu else {1: 60}.get(b, 12)) * q) for b in nin_batches}
         bench_training("NIN", "nin-cifar", (3, 32, 32), nin_batches, nin_repeats, budget_s=90 * q)
+    if args.training_only:
+        return
     print("inference (eval, no_grad): folded NormProp vs the plain net's layers")
     if args.only in (None, "mlp"):
         bench_inference("MLP", MLP_SPEC, MLP_INPUT, mlp_batches, int(200 * q), budget_s=30 * q)

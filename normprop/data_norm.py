@@ -115,6 +115,12 @@ class DataNorm(nn.Module):
         """The divisor used for running normalisation (:func:`safe_std`)."""
         return safe_std(self.running_var, self.count, self.eps)
 
+    def _count_1d(self) -> Tensor:
+        """``count`` as a 1-element view for in-place updates: torch.compile (inductor, torch
+        2.13) silently drops in-place updates of 0-d float64 buffers; through a 1-d view they
+        are kept. The buffer itself stays 0-d (checkpoints keep their shape)."""
+        return self.count.view(1)
+
     def _reduce_dims(self, x: Tensor) -> tuple[int, ...]:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
@@ -138,13 +144,13 @@ class DataNorm(nn.Module):
         batch_m2 = ((xd - _expand(batch_mean, x)) ** 2).sum(dim=dims)
         if self.decay < 1.0:
             keep = self.decay ** n_samples
-            self.count.mul_(keep)
+            self._count_1d().mul_(keep)
             self.running_m2.mul_(keep)
         total = self.count + n
         delta = batch_mean - self.running_mean
         self.running_mean.add_(delta * (n / total))
         self.running_m2.add_(batch_m2 + delta * delta * (self.count * n / total))
-        self.count.copy_(total)
+        self._count_1d().add_(n)
 
     def set_statistics(self, mean: Tensor, std: Tensor, count: float = float("inf")) -> None:
         """Global data normalisation: fix the statistics (e.g. of a whole dataset)."""

@@ -267,7 +267,11 @@ class NormPropLayer:
         return pre if self.activation is None else self.activation(pre)
 
     def _use_fast_path(self) -> bool:
-        return self.fast_path and not torch._C._are_functorch_transforms_active()
+        # Under torch.compile the composite formula is the better input: the compiler fuses
+        # its elementwise ops itself, and the fast path's Python-side state (the unit-row key)
+        # would be a guard that recompiles after every optimiser step.
+        return (self.fast_path and not torch._C._are_functorch_transforms_active()
+                and not torch.compiler.is_compiling())
 
     def _composite_forward(self, x: Tensor) -> Tensor:
         """Eq. 9 / 11 / 12 as plain autograd ops (no custom backward)."""
