@@ -52,6 +52,10 @@ REASONS: tuple[str, ...] = (
 )
 
 
+_NONFINITE_X = ("features must be finite float32 numbers (no NaN, Infinity or values beyond "
+                "3.4e38)")
+
+
 class DecodeError(ValueError):
     """A malformed entry. ``reason`` is one of :data:`REASONS`; ``detail`` explains it."""
 
@@ -107,7 +111,11 @@ class EntryCodec:
     def encode(self, x: Sequence[float] | np.ndarray, y: int | float | Sequence[float],
                binary: bool = True, sample_id: str | None = None) -> dict[str, bytes]:
         """Fields for XADD. Validates first: a sample that would be dead-lettered raises."""
-        arr = self.validate_x(np.asarray(x, dtype=np.float64))
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64
+            raise DecodeError("nonfinite", _NONFINITE_X) from None
+        arr = self.validate_x(arr)
         label = self.validate_y(y)
         fields: dict[str, bytes] = {}
         if binary:
@@ -130,10 +138,10 @@ class EntryCodec:
         if arr.size != self.num_features:
             raise DecodeError("wrong_length",
                               f"expected {self.num_features} features, got {arr.size}")
-        out = arr.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused
+            out = arr.astype(np.float32)
         if not np.isfinite(out).all():
-            raise DecodeError("nonfinite", "features must be finite float32 numbers "
-                                           "(no NaN, Infinity or values beyond 3.4e38)")
+            raise DecodeError("nonfinite", _NONFINITE_X)
         return out
 
     def validate_y(self, y: Any) -> int | str | np.ndarray:
@@ -144,23 +152,27 @@ class EntryCodec:
                                                    "model's classes")
             return label
         if self.classification:
-            if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)):
-                raise DecodeError("bad_label", f"label must be a class index, got {y!r:.40}")
-            if not math.isfinite(float(y)) or float(y) != int(y):
-                raise DecodeError("bad_label", f"label must be an integer class index, got {y!r}")
-            label = int(y)
+            label = _integer(y, "label must be a class index")
             if not 0 <= label < self.config.num_classes:
-                raise DecodeError("label_out_of_range",
-                                  f"label {label} is outside 0..{self.config.num_classes - 1}")
+                raise DecodeError("label_out_of_range", f"label {_short(label)} is outside "
+                                                        f"0..{self.config.num_classes - 1}")
             return label
         try:
             values = np.asarray(y, dtype=np.float64).reshape(-1)
+        except OverflowError:  # an integer beyond float64
+            raise DecodeError("nonfinite", "regression targets must be finite") from None
         except (TypeError, ValueError):
-            raise DecodeError("bad_label", f"regression target must be numbers, got {y!r:.40}")
+            values = None
+        # numpy also takes strings ("1.5"), booleans and nulls (NaN): only numbers pass.
+        # Checked once numpy took it (at most 64 levels deep: the recursion is bounded).
+        if values is None or not _numeric(y):
+            raise DecodeError("bad_label", f"a regression target must be a number or a list "
+                                           f"of numbers, got {_short(y)}")
         if values.size != self.config.num_targets:
             raise DecodeError("bad_label", f"expected {self.config.num_targets} target values, "
                                            f"got {values.size}")
-        values32 = values.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            values32 = values.astype(np.float32)
         if not np.isfinite(values32).all():
             raise DecodeError("nonfinite", "regression targets must be finite")
         return values32
@@ -190,10 +202,14 @@ class EntryCodec:
                 raise DecodeError("bad_x", "x must be a JSON array of numbers")
             try:
                 arr = np.asarray(parsed, dtype=np.float64)
+            except OverflowError:  # an integer beyond float64
+                raise DecodeError("nonfinite", _NONFINITE_X) from None
             except (TypeError, ValueError):
                 raise DecodeError("bad_x", "x must be a (nested) JSON array of numbers") from None
-            if any(isinstance(v, bool) for v in _flat(parsed)):
-                raise DecodeError("bad_x", "x must hold numbers, not booleans")
+            # numpy also takes strings ("1.5"), booleans and nulls (NaN): only numbers pass.
+            # Rectangular (numpy took it), so at most 64 levels deep: the walk is bounded.
+            if not _numbers_only(parsed):
+                raise DecodeError("bad_x", "x must hold numbers (no strings, booleans or nulls)")
             x = self.validate_x(arr)
         else:
             raise DecodeError("missing_x", "entry has neither an 'x' nor an 'xb' field")
@@ -206,7 +222,7 @@ class EntryCodec:
         except (ValueError, UnicodeDecodeError, RecursionError):
             if self.label_set == "indices" or not isinstance(yv, (bytes, str)):
                 raise DecodeError("bad_label", f"label is not a number: "
-                                               f"{_text_or_repr(yv)!r:.40}") from None
+                                               f"{_short(_text_or_repr(yv))}") from None
             try:  # a bare word, as redis-cli writes it: the string label itself
                 label_raw = _text(yv)
             except UnicodeDecodeError:
@@ -220,20 +236,57 @@ def _user_label(y: Any) -> int | str:
         if not 0 < len(y) <= MAX_LABEL_LENGTH:
             raise DecodeError("bad_label", f"a string label must have 1 to {MAX_LABEL_LENGTH} "
                                            "characters")
+        try:  # JSON's "\ud800" escape decodes to a lone surrogate: no JSON writer takes it back
+            y.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DecodeError("bad_label", "a string label must be Unicode text (it holds a "
+                                           "lone surrogate)") from None
         return y
+    label = _integer(y, "label must be an integer or a string")
+    if not -(1 << 63) <= label < (1 << 63):  # it goes into JSON responses and snapshots
+        raise DecodeError("bad_label", f"a numeric label must fit in 64 bits, got "
+                                       f"{_short(label)}")
+    return label
+
+
+def _integer(y: Any, what: str) -> int:
+    """``y`` as an int label: ints (however large) and integral finite floats; else bad_label."""
     if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)):
-        raise DecodeError("bad_label", f"label must be an integer or a string, got {y!r:.40}")
-    if not math.isfinite(float(y)) or float(y) != int(y):
-        raise DecodeError("bad_label", f"a numeric label must be an integer, got {y!r}")
+        raise DecodeError("bad_label", f"{what}, got {_short(y)}")
+    if isinstance(y, (int, np.integer)):
+        return int(y)
+    if not math.isfinite(float(y)):
+        raise DecodeError("nonfinite", f"{what}: NaN and Infinity are not labels")
+    if float(y) != int(y):
+        raise DecodeError("bad_label", f"{what} (an integer), got {_short(y)}")
     return int(y)
 
 
-def _flat(value: Any) -> Any:
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters for a dead letter's detail; never raises
+    (a 4000-digit int or a list nested 900 deep has no repr within Python's limits)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _numbers_only(value: Any) -> bool:
+    """JSON numbers (not booleans), possibly in lists; numpy would take "1" or null."""
     if isinstance(value, list):
-        for v in value:
-            yield from _flat(v)
-    else:
-        yield value
+        return all(_numbers_only(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numeric(value: Any) -> bool:
+    """Numbers (Python or numpy, not booleans), possibly in lists, tuples or numeric arrays."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iuf"
+    if isinstance(value, (list, tuple)):
+        return all(_numeric(v) for v in value)
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
 
 
 def _text_or_repr(value: Any) -> str:

@@ -3,6 +3,10 @@
 Errors are always JSON ``{"error": <code>, "message": <human text>, ...}`` so a caller can
 branch on ``error`` and show ``message``; 4xx for the caller's mistakes, never a 500 for bad
 input.
+
+A body is read as JSON only after a bracket count shows it nests at most
+:data:`MAX_JSON_DEPTH` levels (no route needs more than six), so no parser and no validator
+below recurses deeply on hostile input.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
+import numpy as np
 from pydantic import SecretStr
 from redis.asyncio import Redis
 from starlette.responses import Response
@@ -22,8 +28,14 @@ from .api_metrics import ApiMetrics
 from .serving import ModelServer, ModelSlot
 from .settings import Settings
 
-__all__ = ["ApiError", "ApiState", "json_response", "error_response", "api_state",
-           "read_json_object", "require_key", "find_slot", "inline_schema"]
+__all__ = ["ApiError", "ApiState", "MAX_JSON_DEPTH", "json_response", "error_response",
+           "api_state", "read_json_object", "require_key", "find_slot", "inline_schema",
+           "nesting_exceeds"]
+
+#: Deepest nesting of arrays and objects a request body may have. The deepest legitimate body
+#: is an ingest of images: object > samples > sample > x with three dimensions (6 levels).
+MAX_JSON_DEPTH = 32
+
 
 
 class ApiError(Exception):
@@ -67,15 +79,77 @@ def dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _json_int(text: str) -> int | float:
+    """An integer literal as orjson reads it: an int within 64 bits, else a float (``inf``
+    past 1e308), so no Python int too large for a float ever reaches numpy or ``float()``."""
+    if len(text) <= 20:
+        value = int(text)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+    return float(text)
+
+
+#: A ``\uD800``-``\uDFFF`` escape: half of a surrogate pair, or a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def loads(raw: bytes) -> Any:
-    """Parse JSON; the standard library's parser is the fallback and the error reporter
-    (it also reads ``NaN``/``Infinity``, so those get the clearer 422 "nonfinite")."""
+    """Parse JSON; the standard library's parser is the fallback and the error reporter.
+
+    The fallback also reads ``NaN``/``Infinity`` (the routes then answer the clearer 422
+    "nonfinite" naming the field); it reads integers as orjson does (:func:`_json_int`) and
+    refuses lone surrogates (``"\\ud800"``: not Unicode, no Redis key or stream field can
+    hold them) with a ``ValueError``.
+    """
     if _orjson is not None:
         try:
             return _orjson.loads(raw)
         except _orjson.JSONDecodeError:
             pass
-    return json.loads(raw)
+    body = json.loads(raw, parse_int=_json_int)
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff "
+                             "without its pair), which is not Unicode") from None
+    return body
+
+
+_NOT_MARKS = bytes(c for c in range(256) if c not in b'[]{}"')
+
+
+def _max_depth(marks: bytes) -> int:
+    """Deepest nesting in a string of brackets and quotes (brackets inside quotes ignored)."""
+    k = np.frombuffer(marks, dtype=np.uint8)
+    step = (k & 2).astype(np.int32) - 1  # '[' and '{' have bit 1 set: +1; ']' and '}': -1
+    quote = k == 0x22
+    if quote.any():
+        step[quote | (np.cumsum(quote, dtype=np.int32) & 1 == 1)] = 0
+    return int(np.cumsum(step).max())
+
+
+def nesting_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    r"""Whether the JSON text ``raw`` nests arrays and objects more than ``limit`` deep.
+
+    Linear and non-recursive, at C speed. A body with at most ``limit`` opening brackets
+    cannot nest deeper (most bodies end there); otherwise escaped backslashes and quotes are
+    dropped, only brackets and quotes are kept (``bytes.translate``) and counted, skipping
+    what lies between quotes. Exact for valid JSON; anything else the parser refuses (400).
+
+    >>> nesting_exceeds(b'[[[1]]]', 3), nesting_exceeds(b'[[[[1]]]]', 3)
+    (False, True)
+    >>> nesting_exceeds(b'["[[[[", "\\\\", {"a": "\\"]]]]"}]', 3)
+    False
+    >>> nesting_exceeds(b'{"]": [{"]]": [1]}]}', 3)
+    True
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # fewer openings than the limit: done
+        return False
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = raw.translate(None, _NOT_MARKS)
+    return len(marks) > limit and _max_depth(marks) > limit
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -99,6 +173,9 @@ async def read_json_object(request: Request) -> tuple[dict[str, Any], bytes]:
     if "json" not in ctype.split(";")[0]:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await request.body()
+    if nesting_exceeds(raw):
+        raise ApiError(400, "nested_too_deep", "the body nests arrays or objects more than "
+                       f"{MAX_JSON_DEPTH} levels deep")
     try:
         body = loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
