@@ -27,18 +27,20 @@ from typing import Any, AsyncIterator
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import dashboard, routes_admin, routes_ingest, routes_labels, routes_models, routes_predict
 from .api_metrics import ApiMetrics
 from .redis_options import tls_options
-from .routes_common import ApiError, ApiState, api_state, error_response, json_response
+from .routes_common import (ApiError, ApiState, api_state, describe_deployment, error_response,
+                            json_response)
 from .serving import ModelServer
 from .settings import Settings
 
@@ -224,7 +226,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail),
+        message = str(exc.detail)
+        path = request.url.path[:100]
+        if exc.status_code == 404:
+            message = f"no route matches {path!r} (the routes are listed at /docs)"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {path!r}; allowed: {allowed}"
+        return error_response(exc.status_code, code, message,
                               dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)
@@ -240,6 +249,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal server error")
+
+
+#: The routes that call ``require_key``, and whose key.
+_KEY_ROLES = {"/predict": "predict", "/ingest": "ingest", "/label": "ingest",
+              "/admin/models/{name}/versions": "admin", "/admin/models/{name}/pin": "admin",
+              "/admin/models/{name}/rollback": "admin", "/admin/models/{name}/reload": "admin"}
+
+
+class Health(BaseModel):
+    status: str = Field(..., examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(..., description="ready or not_ready")
+    models: dict[str, int | None] = Field(..., description="each model's served version")
+    redis: bool = Field(..., description="the last Redis ping succeeded")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -261,11 +286,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_labels.router)
     app.include_router(dashboard.router)
 
-    @app.get("/healthz", tags=["ops"], summary="The process is alive")
+    @app.get("/healthz", tags=["ops"], summary="The process is alive", response_model=Health)
     async def healthz() -> Response:
         return json_response({"status": "ok"})
 
-    @app.get("/readyz", tags=["ops"], summary="Every model serves a version (503 otherwise)")
+    @app.get("/readyz", tags=["ops"], summary="Every model serves a version (503 otherwise)",
+             response_model=Readiness, responses={503: {
+                 "model": Readiness, "description": "a model has no snapshot yet",
+                 "headers": {"Retry-After": {"description": "seconds to wait",
+                                             "schema": {"type": "integer", "minimum": 0}}}}})
     async def readyz(request: Request) -> Response:
         st = api_state(request)
         versions = {name: (s.version if s else None) for name, s in st.server.served().items()}
@@ -275,7 +304,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(body, 200 if ready else 503,
                              None if ready else {"Retry-After": "1"})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
+             response_class=PlainTextResponse,
+             response_description="the Prometheus text exposition format")
     async def metrics_route(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         st = api_state(request)
@@ -290,4 +321,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization", "X-API-Key"])
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # built once, then served from the cache
+            describe_deployment(FastAPI.openapi(app), settings, _KEY_ROLES)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -29,19 +29,16 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
-                            read_json_object, require_key)
-from .routes_models import model_info
+from .routes_common import (BODY_ERRORS, ApiError, api_state, error_responses, find_slot,
+                            inline_schema, json_response, read_json_object, require_key)
+from .routes_models import ModelInfo, model_info
 from .serving import ModelSlot
 from .snapshots import SnapshotError
 
 router = APIRouter(tags=["admin"])
 
-_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "admin API key missing"},
-    403: {"description": "admin API key wrong"},
-    404: {"description": "unknown model or version"},
-}
+_ADMIN = {401: "the admin API key is missing", 403: "the admin API key is wrong",
+          404: "unknown model or version", 422: "invalid path parameter"}
 
 
 class VersionInfo(BaseModel):
@@ -73,6 +70,10 @@ class PinRequest(BaseModel):
     version: int = Field(..., ge=1, description="a version listed by GET .../versions")
 
 
+class PinResponse(ModelInfo):
+    pin_seconds: float = Field(..., description="reading and validating the version")
+
+
 def _describe(slot: ModelSlot) -> dict[str, Any]:
     """Blocking (file reads): every version on disk with the metadata worth choosing by."""
     store = slot.store
@@ -100,7 +101,7 @@ def _describe(slot: ModelSlot) -> dict[str, Any]:
 
 @router.get("/admin/models/{name}/versions", response_model=VersionList,
             summary="Snapshot versions on disk, newest first (admin key)",
-            responses=_ADMIN_ERRORS)
+            responses=error_responses(401, 403, 404, 422, descriptions=_ADMIN))
 async def list_versions(request: Request, name: str) -> Response:
     """Each version's samples trained, prequential accuracy when saved, creation time and
     size, and which one is the newest, pinned and served by this replica."""
@@ -109,11 +110,12 @@ async def list_versions(request: Request, name: str) -> Response:
     return json_response(await anyio.to_thread.run_sync(_describe, slot))
 
 
-@router.post("/admin/models/{name}/pin", summary="Serve version N until unpinned (admin key)",
+@router.post("/admin/models/{name}/pin", response_model=PinResponse,
+             summary="Serve version N until unpinned (admin key)",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": inline_schema(PinRequest.model_json_schema())}}}},
-             responses={**_ADMIN_ERRORS,
-                        422: {"description": "the version fails validation; nothing pinned"}})
+             responses=error_responses(*BODY_ERRORS, 401, 403, 404, descriptions={
+                 **_ADMIN, 422: "a bad version, or it fails validation; nothing pinned"}))
 async def pin_version(request: Request, name: str) -> Response:
     """Validate the version, pin it (every replica follows within one poll) and serve it."""
     require_key(request, "admin")
@@ -142,8 +144,9 @@ async def pin_version(request: Request, name: str) -> Response:
                           "pin_seconds": round(time.perf_counter() - t0, 4)})
 
 
-@router.delete("/admin/models/{name}/pin", summary="Follow the newest version again "
-               "(admin key)", responses=_ADMIN_ERRORS)
+@router.delete("/admin/models/{name}/pin", response_model=ModelInfo,
+               summary="Follow the newest version again (admin key)",
+               responses=error_responses(401, 403, 404, 413, 422, descriptions=_ADMIN))
 async def unpin_version(request: Request, name: str) -> Response:
     require_key(request, "admin")
     slot = find_slot(request, name)
@@ -157,12 +160,20 @@ class RollbackRequest(BaseModel):
                           "the worker trims the stream below every checkpoint")
 
 
-@router.post("/admin/models/{name}/rollback", status_code=202,
+class RollbackResponse(BaseModel):
+    model: str
+    requested: dict[str, Any] = Field(..., description="the request the worker will carry out "
+                                      "(version, id, requested_at)")
+    latest: int | None = Field(..., description="the newest version now")
+    message: str
+
+
+@router.post("/admin/models/{name}/rollback", status_code=202, response_model=RollbackResponse,
              summary="Roll the worker back to version N (admin key)",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": inline_schema(RollbackRequest.model_json_schema())}}}},
-             responses={**_ADMIN_ERRORS,
-                        422: {"description": "bad version, or retrain requested"}})
+             responses=error_responses(*BODY_ERRORS, 401, 403, 404, descriptions={
+                 **_ADMIN, 422: "a bad version, or retrain requested"}))
 async def rollback(request: Request, name: str) -> Response:
     """Ask the worker to resume training from version N (202: requested). The worker publishes
     N's state as a new version with ``rolled_back_from: N`` (see GET .../versions); what it

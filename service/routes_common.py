@@ -1,8 +1,10 @@
 """What every route shares: the app's state, JSON errors, API-key checks and body parsing.
 
-Errors are always JSON ``{"error": <code>, "message": <human text>, ...}`` so a caller can
-branch on ``error`` and show ``message``; 4xx for the caller's mistakes, never a 500 for bad
-input.
+Errors are always JSON ``{"error": <code>, "message": <human text>, ...}`` (:class:`ErrorBody`)
+so a caller can branch on ``error`` and show ``message``; 4xx for the caller's mistakes, never
+a 500 for bad input. Every route declares each status it can answer in the OpenAPI schema
+(:func:`error_responses`), so the schema is a complete contract (checked by schemathesis in
+``tests/reliability/test_schemathesis.py``).
 
 A body is read as JSON only after a bracket count shows it nests at most
 :data:`MAX_JSON_DEPTH` levels (no route needs more than six), so no parser and no validator
@@ -20,7 +22,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 import numpy as np
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from redis.asyncio import Redis
 from starlette.responses import Response
 
@@ -28,14 +30,70 @@ from .api_metrics import ApiMetrics
 from .serving import ModelServer, ModelSlot
 from .settings import Settings
 
-__all__ = ["ApiError", "ApiState", "MAX_JSON_DEPTH", "json_response", "error_response",
-           "api_state", "read_json_object", "require_key", "find_slot", "inline_schema",
-           "nesting_exceeds"]
+__all__ = ["ApiError", "ApiState", "ErrorBody", "BODY_ERRORS", "MAX_JSON_DEPTH",
+           "json_response", "error_response", "error_responses", "api_state", "read_json_object",
+           "require_key", "find_slot", "inline_schema", "nesting_exceeds", "Features",
+           "describe_deployment"]
 
 #: Deepest nesting of arrays and objects a request body may have. The deepest legitimate body
 #: is an ingest of images: object > samples > sample > x with three dimensions (6 levels).
 MAX_JSON_DEPTH = 32
 
+
+#: One instance's features: ``num_features`` numbers, or nested as the model's ``input_shape``
+#: (up to three dimensions), e.g. ``[[0, 1], [2, 3]]`` for a 2x2 image.
+Features = list[float | list[float | list[float]]]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``error`` to branch on, ``message`` to show a person."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(..., description="a stable code, e.g. unknown_model, bad_x, nonfinite, "
+                       "unauthorized, body_too_large", examples=["unknown_model"])
+    message: str = Field(..., description="what was wrong, for people")
+    index: int | None = Field(None, description="the instance, sample or label at fault")
+    detail: list[dict[str, Any]] | None = Field(None, description="parameter validation errors")
+
+
+#: What each error status means on every route that can answer it (a route may say more).
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "malformed JSON (or not UTF-8, or a lone surrogate), or nested more than "
+         f"{MAX_JSON_DEPTH} levels",
+    401: "the route's API key is missing (X-API-Key or Authorization: Bearer)",
+    403: "the API key is wrong",
+    404: "unknown model",
+    409: "conflict",
+    413: "the body is over NP_MAX_BODY_BYTES",
+    415: "the body is not application/json",
+    422: "invalid request: the message names the field, instance or sample and why",
+    429: "the training stream's backlog is full; retry after Retry-After",
+    503: "unavailable; retry after Retry-After",
+}
+#: The statuses any route that reads a JSON body can answer.
+BODY_ERRORS = (400, 413, 415, 422)
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
+                                "schema": {"type": "integer", "minimum": 0}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "the scheme to authenticate with",
+                                          "schema": {"type": "string"}}}
+
+
+def error_responses(*statuses: int, descriptions: dict[int, str] | None = None
+                    ) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status with the :class:`ErrorBody` schema, its
+    description (``descriptions`` overrides :data:`ERROR_DESCRIPTIONS`) and its headers."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorBody, "description": (
+            (descriptions or {}).get(status) or ERROR_DESCRIPTIONS[status])}
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        elif status == 401:
+            entry["headers"] = _WWW_AUTHENTICATE
+        out[status] = entry
+    return out
 
 
 class ApiError(Exception):
@@ -227,6 +285,42 @@ def find_slot(request: Request, name: Any) -> ModelSlot:
         raise ApiError(404, "unknown_model", f"no model named {name[:80]!r}; declared: {known}")
     request.scope["np.model"] = name
     return slot
+
+
+#: The security schemes of the routes that need a key (``require_key``), by role.
+SECURITY_SCHEMES = {
+    "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "BearerToken": {"type": "http", "scheme": "bearer"},
+}
+
+
+def describe_deployment(openapi: dict[str, Any], settings: Settings,
+                        roles: dict[str, str]) -> dict[str, Any]:
+    """Make an app's OpenAPI schema say what this deployment is: its models (the ``name``
+    path parameter and the ``model`` body field list the declared names) and which routes
+    need a key (``roles``: operation path -> ingest, admin or predict; declared only where
+    that key is configured). Changes ``openapi`` in place and returns it."""
+    names = [m.name for m in settings.models]
+    configured = {role for role in ("ingest", "admin", "predict")
+                  if (key := getattr(settings, f"{role}_api_key")) is not None
+                  and key.get_secret_value()}
+    for path, operations in openapi.get("paths", {}).items():
+        for operation in operations.values():
+            for param in operation.get("parameters", []):
+                if param.get("in") == "path" and param.get("name") == "name":
+                    param["schema"] = {**param.get("schema", {}), "enum": names,
+                                       "description": "a declared model's name"}
+            body = operation.get("requestBody", {}).get("content", {}).get(
+                "application/json", {}).get("schema", {})
+            model = body.get("properties", {}).get("model")
+            if isinstance(model, dict):
+                model["enum"] = names
+                model["default"] = names[0]
+            if roles.get(path) in configured:
+                operation["security"] = [{"ApiKeyHeader": []}, {"BearerToken": []}]
+    if configured:
+        openapi.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    return openapi
 
 
 def inline_schema(schema: dict[str, Any]) -> dict[str, Any]:

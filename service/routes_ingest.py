@@ -20,8 +20,9 @@ from starlette.responses import Response
 
 from . import keys
 from .codec import DecodeError, EntryCodec
-from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
-                            read_json_object, require_key)
+from .routes_common import (BODY_ERRORS, ApiError, Features, api_state, error_responses,
+                            find_slot, inline_schema, json_response, read_json_object,
+                            require_key)
 
 router = APIRouter(tags=["ingest"])
 
@@ -30,8 +31,10 @@ RETRY_AFTER_SECONDS = 1
 
 
 class IngestSample(BaseModel):
-    x: list[Any] = Field(..., description="num_features numbers (nested allowed for images)")
-    y: int | float | list[float] = Field(..., description="class index, or regression target(s)")
+    x: Features = Field(..., description="num_features numbers (nested allowed for images)")
+    y: int | float | str | list[float] = Field(..., description="class index (your own label "
+                                               "for a model with classes/open_classes), or "
+                                               "regression target(s)")
     id: str | None = Field(None, description="your own id for the sample (kept in dead letters)")
 
 
@@ -85,13 +88,11 @@ def encode_sample(codec: EntryCodec, index: int, sample: Any) -> dict[str, bytes
              summary="Append labelled samples to a model's training stream",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": inline_schema(IngestRequest.model_json_schema())}}}},
-             responses={401: {"description": "ingest API key missing"},
-                        403: {"description": "ingest API key wrong"},
-                        404: {"description": "unknown model"},
-                        422: {"description": "a bad sample (names its index and reason); "
-                                             "nothing was written"},
-                        429: {"description": "backlog full; retry after Retry-After"},
-                        503: {"description": "Redis unavailable; retry after Retry-After"}})
+             responses=error_responses(
+                 *BODY_ERRORS, 401, 403, 404, 429, 503, descriptions={
+                     401: "the ingest API key is missing", 403: "the ingest API key is wrong",
+                     422: "a bad sample (names its index and reason); nothing was written",
+                     503: "Redis unavailable; nothing was written, retry after Retry-After"}))
 async def ingest(request: Request) -> Response:
     """Validate every sample, then XADD them in one atomic pipeline; 202 with the IDs."""
     state = api_state(request)

@@ -44,8 +44,9 @@ from starlette.responses import Response
 
 from . import keys
 from .codec import DecodeError
-from .routes_common import (ApiError, ApiState, api_state, find_slot, inline_schema,
-                            json_response, read_json_object, require_key)
+from .routes_common import (BODY_ERRORS, ApiError, ApiState, ErrorBody, api_state,
+                            error_responses, find_slot, inline_schema, json_response,
+                            read_json_object, require_key)
 from .serving import ModelSlot, ServedVersion
 from .settings import label_key
 
@@ -366,17 +367,29 @@ def _result(state: ApiState, slot: ModelSlot, pid: str, stored: dict[bytes, byte
                   f"made, or older than label_ttl_seconds={ttl:g} (expired)")
 
 
-@router.post("/label", response_model=LabelResponse,
+def _label_responses() -> dict[int | str, dict[str, Any]]:
+    """The error statuses, and those that are every item's common status (a LabelResponse)."""
+    out = error_responses(*BODY_ERRORS, 401, 403, 404, 409, 429, 503, descriptions={
+        400: "malformed JSON, or the model has no label_ttl_seconds",
+        401: "the ingest API key is missing", 403: "the ingest API key is wrong",
+        404: "unknown model (an error), or every id unknown or expired (the results)",
+        409: "every id already labelled (the results)",
+        422: "a bad request (an error), or every label invalid (the results)",
+        429: "every item found the backlog full (the results); retry after Retry-After",
+        503: "Redis unavailable; nothing was labelled, retry after Retry-After"})
+    for status in (404, 409, 422, 429):
+        out[status]["model"] = ErrorBody | LabelResponse
+    out[207] = {"model": LabelResponse, "description": "per-item results differ (see each "
+                                                       "item's status)"}
+    return out
+
+
+@router.post("/label", status_code=202, response_model=LabelResponse,
              summary="Join delayed labels to stored predictions and train on them",
+             response_description="every label joined and enqueued",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": inline_schema(LabelRequest.model_json_schema())}}}},
-             responses={202: {"description": "every label joined and enqueued"},
-                        207: {"description": "per-item results differ (see each status)"},
-                        400: {"description": "the model has no label_ttl_seconds"},
-                        404: {"description": "every id unknown or expired"},
-                        409: {"description": "every id already labelled"},
-                        422: {"description": "bad request, or every label invalid"},
-                        503: {"description": "Redis unavailable; retry after Retry-After"}})
+             responses=_label_responses())
 async def label(request: Request) -> Response:
     """Per item: 202 joined (the sample is on the training stream), 404 unknown or expired id,
     409 already labelled, 422 bad label, 429 backlog full. The response status is the items'
@@ -430,7 +443,8 @@ async def label(request: Request) -> Response:
     statuses = {r["status"] for r in results if r is not None}
     status = statuses.pop() if len(statuses) == 1 else 207
     accepted = sum(1 for r in results if r is not None and r["status"] == 202)
-    return json_response({"model": slot.name, "accepted": accepted, "results": results}, status)
+    return json_response({"model": slot.name, "accepted": accepted, "results": results}, status,
+                         {"Retry-After": "1"} if status == 429 else None)
 
 
 # -- shared served metrics ------------------------------------------------------------------

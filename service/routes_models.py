@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from .routes_common import api_state, find_slot, json_response, require_key
+from .routes_common import api_state, error_responses, find_slot, json_response, require_key
 from .serving import ModelSlot
 
 router = APIRouter(tags=["models"])
@@ -58,16 +58,16 @@ async def list_models(request: Request) -> Response:
 
 
 @router.get("/models/{name}", response_model=ModelInfo, summary="One model",
-            responses={404: {"description": "unknown model"}})
+            responses=error_responses(404, 422, descriptions={422: "invalid path parameter"}))
 async def get_model(request: Request, name: str) -> Response:
     return json_response(model_info(find_slot(request, name)))
 
 
 @router.post("/admin/models/{name}/reload", response_model=ModelInfo, tags=["admin"],
              summary="Check for a newer snapshot now (admin key)",
-             responses={401: {"description": "admin API key missing"},
-                        403: {"description": "admin API key wrong"},
-                        404: {"description": "unknown model"}})
+             responses=error_responses(401, 403, 404, 413, 422, descriptions={
+                 401: "the admin API key is missing", 403: "the admin API key is wrong",
+                 422: "invalid path parameter"}))
 async def reload_model(request: Request, name: str) -> Response:
     """Poll the snapshot store for this model at once instead of waiting for the poller."""
     require_key(request, "admin")

@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from .routes_common import (ApiError, api_state, find_slot, inline_schema, json_response,
-                            read_json_object, require_key)
+from .routes_common import (BODY_ERRORS, ApiError, Features, api_state, error_responses,
+                            find_slot, inline_schema, json_response, read_json_object,
+                            require_key)
 from .routes_labels import prediction_ids, store_predictions
 from .serving import InstanceError, ModelServer, parse_instances
 
@@ -26,8 +27,8 @@ class PredictRequest(BaseModel):
     """Instances to predict; each a list of ``num_features`` numbers (or nested, for images)."""
 
     model: str = Field("default", description="a declared model's name")
-    instances: list[list[Any]] = Field(..., description="one or more instances, at most "
-                                       "NP_MAX_INSTANCES", examples=[[[0.0] * 4]])
+    instances: list[Features] = Field(..., description="one or more instances, at most "
+                                      "NP_MAX_INSTANCES", examples=[[[0.0] * 4]])
     ids: list[str] | None = Field(None, description="optional: your id per instance, for "
                                   "POST /label (made and returned when the model keeps "
                                   "predictions for labels)")
@@ -58,10 +59,13 @@ class PredictResponse(BaseModel):
 @router.post("/predict", response_model=PredictResponse, summary="Predict with a model",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": inline_schema(PredictRequest.model_json_schema())}}}},
-             responses={404: {"description": "unknown model"},
-                        409: {"description": "an id already awaits a label or was labelled"},
-                        422: {"description": "bad instances (names the instance and reason)"},
-                        503: {"description": "the model has no snapshot yet"}})
+             responses=error_responses(
+                 *BODY_ERRORS, 401, 403, 404, 409, 503, descriptions={
+                     401: "the predict API key is missing (only when NP_PREDICT_API_KEY is set)",
+                     403: "the predict API key is wrong",
+                     409: "an id already awaits a label or was labelled",
+                     422: "bad instances (names the instance and reason)",
+                     503: "the model has no snapshot yet; retry after Retry-After"}))
 async def predict(request: Request) -> Response:
     """Class probabilities and label (or regression values) per instance, and the version."""
     state = api_state(request)
