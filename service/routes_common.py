@@ -297,15 +297,20 @@ SECURITY_SCHEMES = {
 def describe_deployment(openapi: dict[str, Any], settings: Settings,
                         roles: dict[str, str]) -> dict[str, Any]:
     """Make an app's OpenAPI schema say what this deployment is: its models (the ``name``
-    path parameter and the ``model`` body field list the declared names) and which routes
-    need a key (``roles``: operation path -> ingest, admin or predict; declared only where
-    that key is configured). Changes ``openapi`` in place and returns it."""
+    path parameter and the ``model`` body field list the declared names, and each model has
+    an example body of its own shape) and which routes need a key (``roles``: operation path
+    -> ingest, admin or predict; declared only where that key is configured). Changes
+    ``openapi`` in place and returns it."""
     names = [m.name for m in settings.models]
     configured = {role for role in ("ingest", "admin", "predict")
                   if (key := getattr(settings, f"{role}_api_key")) is not None
                   and key.get_secret_value()}
+    examples = _body_examples(settings)
     for path, operations in openapi.get("paths", {}).items():
         for operation in operations.values():
+            media = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if media is not None and examples.get(path):
+                media["examples"] = examples[path]
             for param in operation.get("parameters", []):
                 if param.get("in") == "path" and param.get("name") == "name":
                     param["schema"] = {**param.get("schema", {}), "enum": names,
@@ -321,6 +326,26 @@ def describe_deployment(openapi: dict[str, Any], settings: Settings,
     if configured:
         openapi.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
     return openapi
+
+
+def _body_examples(settings: Settings) -> dict[str, dict[str, Any]]:
+    """A request body per declared model for /predict, /ingest and /label (the docs' "try it
+    out" works as it stands): zeros of the model's feature count and its first label."""
+    out: dict[str, dict[str, Any]] = {"/predict": {}, "/ingest": {}, "/label": {}}
+    for m in settings.models:
+        x = [0.0] * m.num_features
+        y: Any = ([0.0] * m.num_targets if m.num_targets > 1 else 0.0) \
+            if m.task == "regression" else ((m.classes or ["a"])[0] if m.label_set != "indices"
+                                            else 0)
+        summary = f"model {m.name!r}"
+        out["/predict"][m.name] = {"summary": summary,
+                                   "value": {"model": m.name, "instances": [x]}}
+        out["/ingest"][m.name] = {"summary": summary,
+                                  "value": {"model": m.name, "samples": [{"x": x, "y": y}]}}
+        if m.label_ttl_seconds is not None:
+            out["/label"][m.name] = {"summary": summary, "value": {
+                "model": m.name, "labels": [{"id": "an id /predict returned", "y": y}]}}
+    return out
 
 
 def inline_schema(schema: dict[str, Any]) -> dict[str, Any]:
