@@ -101,8 +101,13 @@ def test_ours_is_test_then_train(norm, batch):
     last_unaffected = k + (batch - 1)
     np.testing.assert_array_equal(out.pred[:last_unaffected + 1], out2.pred[:last_unaffected + 1])
     # A separable stream is learnt within one pass (BN at batch 2 validates with running
-    # averages of 2-sample statistics, and learns it worse: only better than chance, 1/3).
-    assert out.correct[20:].mean() > (0.8 if batch == 1 else 0.5)
+    # averages of 2-sample statistics, and learns it worse: on 60 samples it ranged 0.45-0.82
+    # over seeds, so it is judged on 200, where seeds 0-7 gave 0.71-0.86; chance is 1/3).
+    if batch == 1:
+        assert out.correct[20:].mean() > 0.8
+    else:
+        longer = run_ours(_toy_stream(200), norm, batch, lr=0.01, seed=0)
+        assert longer.correct[20:].mean() > 0.6
 
 
 def test_river_scoring_matches_rivers_metric():
