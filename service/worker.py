@@ -9,7 +9,8 @@ one worker process per model (the lease below makes any mix of processes safe).
 The loop, per model::
 
     XREADGROUP GROUP trainer <consumer> COUNT n BLOCK worker_block_ms  np:{m}:samples >
-      -> decode each entry (EntryCodec); malformed -> MULTI [XADD np:{m}:dead ..., XACK] EXEC
+      -> decode each entry (EntryCodec); malformed -> one script: XACK, and if that acked
+         it, XADD np:{m}:dead ... and HINCRBY np:{m}:dead:counts (atomic and idempotent)
       -> SGD steps of up to max_batch valid entries at lr = scaled_lr(cfg.lr, batch, ...)
          (a trickle gives batch size 1, a backlog max_batch), prequential scoring, ledger += IDs
       -> every snapshot_every_steps steps or snapshot_every_seconds seconds, if anything new:
@@ -22,14 +23,16 @@ is trained again from the restored state, while an entry the restored checkpoint
 (crash between the write and the XACK) is recognised by the checkpoint's ledger, acked and
 skipped. Acks of a written checkpoint are flushed before anything new is read, so only the
 newest checkpoint's ledger can hold unacked IDs -- unless Redis restarts from an AOF that lost
-its last second (``appendfsync everysec`` on a host crash): then acks of several checkpoints
-and the group's deliveries are rolled back, and entries come back pending or are delivered
-again. Entries are read in ID order, so every entry at or below the high-water mark (the last ID
-processed, restored from the checkpoint) was trained into a checkpoint on the chain or
-dead-lettered: such an entry is acked and never trained again, however many checkpoints ago it
-was covered (a malformed one is dead-lettered again: its dead letter was rolled back with the
-ack). Each checkpoint names its parent version; the ledgers along that chain list every ID
-trained, once.
+its last second or two (``appendfsync everysec`` when the host dies): then the acks of every
+checkpoint of those seconds, and the group's deliveries, are rolled back and those entries come
+back, pending or delivered again. So the worker remembers the ledgers of every checkpoint of
+the last :data:`COVERED_SECONDS` (by count that may be far more than ``keep_snapshots``), and
+each checkpoint also stores them (``ledger.recent``), so a restart knows them whatever
+retention deleted. An entry that comes back is skipped exactly when one of those ledgers (or
+the in-memory one) lists it; anything else -- a dead letter rolled back with its ack, or an
+entry a timed-out read delivered that the worker never saw, whatever its ID -- is processed
+like a new entry. Each checkpoint names its parent version; the ledgers along that chain list
+every ID trained, once.
 
 Restart: restore the newest readable snapshot (a corrupt newest one falls back to the previous),
 claim other consumers' pending entries (XAUTOCLAIM, the previous lease holder's), re-read our
@@ -71,7 +74,7 @@ from redis.retry import Retry
 from . import keys
 from .codec import DecodeError, EntryCodec, Sample
 from .redis_options import tls_options
-from .settings import ModelConfig, Settings, label_key
+from .settings import ModelConfig, Settings
 from .snapshots import Snapshot, SnapshotError, SnapshotStore
 from .trainer import ModelTrainer, resolve_device
 from .worker_metrics import ModelMetrics, WorkerMetrics
@@ -92,8 +95,15 @@ _ACK_CHUNK = 10_000
 READ_AT_LEAST = 256
 #: How often the loop looks for an operator's rollback request (the store's ROLLBACK file).
 ROLLBACK_CHECK_SECONDS = 0.1
-#: At most this many checkpoints' ledgers are remembered for skipping redelivered entries.
-COVERED_CHECKPOINTS = 16
+#: Redelivered entries are recognised by the ledgers of the checkpoints of this many seconds
+#: before the newest (and of at least COVERED_MIN_CHECKPOINTS of them): longer than the writes
+#: an AOF with ``appendfsync everysec`` can lose (about 1 s, 2 s when fsync stalls).
+COVERED_SECONDS = 5.0
+COVERED_MIN_CHECKPOINTS = 2
+#: ...but never more than this many checkpoints (memory stays bounded at any checkpoint rate).
+COVERED_MAX_CHECKPOINTS = 2000
+#: Restoring a checkpoint written before ``ledger.recent`` existed: read this many older ones.
+LEGACY_COVERED_CHECKPOINTS = 16
 _METRICS_EVERY = 0.5
 _MAX_BACKOFF = 5.0
 
@@ -130,6 +140,26 @@ for _, e in ipairs(r[1][2]) do
   end
 end
 return {table.concat(ids, ' '), table.concat(xs), table.concat(ys, ' '), other}
+"""
+# Dead letters, idempotent: each entry is copied to the dead-letter stream and counted only if
+# this XACK acks it. redis-py retries a command that timed out, and Redis may run both the
+# first try (sent before it froze) and the retry: the second finds the entry acked already.
+# KEYS: stream, dead stream, counts. ARGV: group, maxlen, then per entry: ID, reason, n, and
+# n field/value pairs.
+_DEAD_LETTER = """
+local i, written = 3, 0
+while i <= #ARGV do
+  local id, reason, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local fields = {}
+  for j = 1, 2 * n do fields[j] = ARGV[i + 2 + j] end
+  i = i + 3 + 2 * n
+  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+    redis.call('HINCRBY', KEYS[3], reason, 1)
+    written = written + 1
+  end
+end
+return written
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -240,6 +270,7 @@ class ModelWorker:
         self.read_count = config.max_batch * max(1, -(-READ_AT_LEAST // config.max_batch))
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._dead_script = self.redis.register_script(_DEAD_LETTER)
         # The packed lane validates class indices in bulk; user labels take EntryCodec's path.
         self._packed = config.task == "classification" and config.label_set == "indices"
         self._backlog = False  # the last read filled a batch: read the next one packed
@@ -253,10 +284,10 @@ class ModelWorker:
         self.restored_version: int | None = None
         self.high_water: StreamId = (0, 0)  # highest ID processed (trained, skipped, dead)
         self.ledger: list[bytes] = []       # IDs consumed since the newest checkpoint
-        # Ledgers of the newest checkpoints: a pending entry in one of them is trained already
-        # (crash between write and XACK, or acks lost when Redis restarted from an older AOF).
-        self.covered: collections.deque[set[bytes]] = collections.deque(
-            maxlen=min(max(2, config.keep_snapshots), COVERED_CHECKPOINTS))
+        # Ledgers of the newest checkpoints, (created_at, IDs), the last COVERED_SECONDS: a
+        # pending entry in one of them is trained already (crash between write and XACK, or
+        # acks lost when Redis restarted from an older AOF).
+        self.covered: collections.deque[tuple[float, set[bytes]]] = collections.deque()
         self.unacked: list[bytes] = []      # covered by a written checkpoint, ack not confirmed
         self.needs_recovery = True
         self.dirty = False                  # anything to checkpoint?
@@ -420,14 +451,19 @@ class ModelWorker:
             last = snap.metadata.get("last_stream_id") or "0-0"
             self.high_water = parse_id(last)
             self.covered.clear()
-            for older in versions[-self.covered.maxlen:]:  # type: ignore[index]
-                if older == v:
-                    self.covered.append(_ledger_ids(snap))
-                elif older < v:
-                    try:
-                        self.covered.append(_ledger_ids(self.store.read(older)))
-                    except SnapshotError:
-                        pass
+            created = float(snap.metadata.get("created_at", time.time()))
+            if "ledger.recent" in snap.tensors:
+                self._remember(created - 1e-3, _ledger_ids(snap, "ledger.recent"))
+            else:  # a checkpoint from before ledger.recent: the older versions' own ledgers
+                for older in versions[-LEGACY_COVERED_CHECKPOINTS:]:
+                    if older < v:
+                        try:
+                            old = self.store.read(older)
+                        except SnapshotError:
+                            continue
+                        self._remember(float(old.metadata.get("created_at", 0.0)),
+                                       _ledger_ids(old))
+            self._remember(created, _ledger_ids(snap))
             self.last_checkpoint_wall = float(snap.metadata.get("created_at", time.time()))
             self._last_rollback_id = snap.metadata.get("rollback_request")
             log.info("%s: restored v%d (%d samples trained, last ID %s)", self.config.name, v,
@@ -495,39 +531,16 @@ class ModelWorker:
         self.needs_recovery = False
 
     def _is_covered(self, eid: bytes) -> bool:
-        return any(eid in ledger for ledger in self.covered)
+        return any(eid in ledger for _, ledger in self.covered)
 
-    def _redelivered(self, eid: bytes, fields: dict[bytes, bytes], ack_now: list[bytes],
-                     dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]]) -> None:
-        """An entry at or below the high-water mark came back (Redis lost our ack or its
-        delivery): it was processed already, so it is acked, never trained again.
-
-        Every entry up to the high-water mark was trained into a checkpoint on the version
-        chain or dead-lettered. A dead letter's XADD and XACK are one transaction, so if the
-        ack was lost the dead letter was too: a malformed entry is dead-lettered again.
-        """
-        try:
-            sample = self.codec.decode(fields)
-        except DecodeError as err:
-            dead.append((eid, fields, err))
-            return
-        trainer = self.trainer
-        if trainer is not None and trainer.label_map is not None:
-            # A user label it could not map (a fixed set's stranger, an open set at its limit)
-            # was dead-lettered, not trained. Checked without growing the label map.
-            known = {label_key(label) for label in trainer.label_map}
-            if label_key(sample.y) not in known:  # type: ignore[arg-type]
-                if self.config.label_set != "open":
-                    dead.append((eid, fields, DecodeError(
-                        "unknown_label", f"label {sample.y!r:.80} is not one of the model's "
-                                         "classes")))
-                    return
-                if len(trainer.label_map) >= self.config.max_classes:
-                    dead.append((eid, fields, DecodeError(
-                        "too_many_classes", f"label {sample.y!r:.80}: max_classes is "
-                                            f"{self.config.max_classes}")))
-                    return
-        ack_now.append(eid)
+    def _remember(self, created_at: float, ids: set[bytes]) -> None:
+        """Add a checkpoint's ledger to ``covered``; forget those older than the window."""
+        self.covered.append((created_at, ids))
+        newest = created_at
+        while len(self.covered) > COVERED_MIN_CHECKPOINTS and (
+                newest - self.covered[0][0] > COVERED_SECONDS
+                or len(self.covered) > COVERED_MAX_CHECKPOINTS):
+            self.covered.popleft()
 
     def _forget_idle_consumers(self) -> None:
         """Delete other consumers with nothing pending (dead predecessors), keeping XINFO tidy."""
@@ -549,30 +562,30 @@ class ModelWorker:
             fresh = []
             for eid, fields in entries:
                 if fields is None or self._is_covered(eid):
-                    ack_now.append(eid)  # trimmed away, or in the checkpoint already
-                elif in_ledger is not None and eid in in_ledger:
-                    continue  # trained since the last checkpoint, which will ack it
-                elif parse_id(eid) <= self.high_water:
-                    # Processed before, by a checkpoint older than ``covered`` remembers: Redis
-                    # restarted from an AOF that lost the ack (everysec: up to a second of
-                    # checkpoints). Never train it again; see _redelivered.
-                    self._redelivered(eid, fields, ack_now, dead)
-                else:
+                    ack_now.append(eid)  # trimmed away, or in a checkpoint already
+                elif in_ledger is None or eid not in in_ledger:
+                    # Not trained (its ack was not lost: it was never acked). Its ID may be
+                    # below the high-water mark: a read that timed out delivered it unseen.
                     fresh.append((eid, fields))
                     self.high_water = max(self.high_water, parse_id(eid))
         elif entries:
             # New entries arrive in ID order; one at or below the high-water mark means Redis
-            # lost its group state (restart from an older AOF) and redelivered what we did.
+            # lost its group state (restart from an older AOF) and redelivered what we did --
+            # or what a read that timed out was given and we never saw. The ledgers tell which.
             first = parse_id(entries[0][0])
             if first <= self.high_water:
                 fresh = []
+                in_ledger = set(self.ledger)
                 for eid, fields in entries:
-                    if parse_id(eid) <= self.high_water:
-                        self._redelivered(eid, fields, ack_now, dead)  # type: ignore[arg-type]
-                    else:
+                    if parse_id(eid) > self.high_water:
                         fresh.append((eid, fields))
+                    elif self._is_covered(eid):
+                        ack_now.append(eid)
+                    elif eid not in in_ledger:
+                        fresh.append((eid, fields))
+                    # else: trained since the last checkpoint, which will ack it
             if fresh:
-                self.high_water = max(self.high_water, parse_id(fresh[-1][0]))
+                self.high_water = max(self.high_water, *(parse_id(e) for e, _ in fresh))
         decode = self.codec.decode
         assert self.trainer is not None
         # User labels (classes/open_classes) -> output units; an open set grows here, in
@@ -723,20 +736,22 @@ class ModelWorker:
             self._account(train(xs[i:i + step], ys[i:i + step]), ids[i:i + step])
 
     def _dead_letter(self, dead: list[tuple[bytes, dict[bytes, bytes], DecodeError]]) -> None:
-        """Move malformed entries to the dead-letter stream and ack them, in one transaction."""
-        pipe = self.redis.pipeline(transaction=True)
+        """Move malformed entries to the dead-letter stream, count and ack them, atomically
+        and idempotently (one script, :data:`_DEAD_LETTER`)."""
+        args: list[Any] = [self.group, DEAD_STREAM_MAXLEN]
         for eid, fields, err in dead:
             letter = _bounded_fields(fields)
             letter.update({b"reason": err.reason.encode(), b"detail": err.detail.encode()[:1024],
                            b"source_id": eid})
-            pipe.xadd(self.dead_stream, letter, maxlen=DEAD_STREAM_MAXLEN, approximate=True)
-        pipe.xack(self.stream, self.group, *[eid for eid, _, _ in dead])
+            args += [eid, err.reason, len(letter)]
+            for k, v in letter.items():
+                args += [k, v]
         by_reason = collections.Counter(err.reason for _, _, err in dead)
-        # The count lives in Redis too, in the same transaction: a crash before the next
+        # The count lives in Redis too, in the same script: a crash before the next
         # checkpoint cannot lose it (the acked entry will not come back to be counted again).
-        for reason, n in by_reason.items():
-            pipe.hincrby(self.dead_counts, reason, n)
-        pipe.execute()
+        # Each entry was pending and delivered to us, so one run of the script (the first try or
+        # a retry) writes its dead letter: counted here whatever this reply says.
+        self._dead_script(keys=[self.stream, self.dead_stream, self.dead_counts], args=args)
         assert self.trainer is not None
         for reason, n in by_reason.items():
             self.trainer.dead_letters[reason] = self.trainer.dead_letters.get(reason, 0) + n
@@ -788,9 +803,14 @@ class ModelWorker:
         metadata.update(extra or {})
         tensors = self.trainer.checkpoint_tensors()
         tensors["ledger.ids"] = ledger
+        # The ledgers remembered (the last COVERED_SECONDS), for a restart (see the module doc).
+        recent = [eid for _, led in self.covered for eid in led]
+        tensors["ledger.recent"] = _ledger_tensor(recent)
+        created = time.time()
+        metadata["created_at"] = created
         self.store.write(version, tensors, metadata)
         self.version = version
-        self.covered.append(set(ids))
+        self._remember(created, set(ids))
         self.unacked.extend(ids)
         self.ledger = []
         self.dirty = False
@@ -957,9 +977,9 @@ class ModelWorker:
                 pass
 
 
-def _ledger_ids(snapshot: Snapshot) -> set[bytes]:
+def _ledger_ids(snapshot: Snapshot, key: str = "ledger.ids") -> set[bytes]:
     """The stream IDs a checkpoint's ledger lists, in Redis' ``b"ms-seq"`` form."""
-    ledger = snapshot.tensors.get("ledger.ids", torch.zeros(0, 2, dtype=torch.int64))
+    ledger = snapshot.tensors.get(key, torch.zeros(0, 2, dtype=torch.int64))
     return {f"{ms}-{seq}".encode() for ms, seq in ledger.tolist()}
 
 

@@ -225,7 +225,8 @@ class Predictor:
 
 class Producer:
     r"""Writes labelled samples on its own thread, alternating ``POST /ingest`` through the API
-    (when ``api_url`` is given) and raw ``XADD``\s (one MULTI per batch) straight to Redis;
+    and raw ``XADD``\s (one MULTI per batch) straight to Redis (``mode`` "mixed"; or "api",
+    "raw" only);
     every ``bad_every``-th raw entry is malformed (``wrong_length``). Records what was accepted
     and what was not:
 
@@ -234,13 +235,18 @@ class Producer:
       connection); ``ambiguous``: samples whose write may or may not have happened (the
       connection broke or timed out after the request was sent) -- the one thing a producer
       cannot know, so the tests bound it rather than assume it;
-    * ``accept_times``: ``(time.monotonic(), n)`` of each accepted batch.
+    * ``accept_times``: ``(time.monotonic(), n)`` of each accepted batch;
+    * ``api_calls``: ``(t0, t1, status)`` of each ``POST /ingest`` (status 0: no answer);
+    * ``tags``: every sample carries a unique ``id`` field (``<prefix><index>``), and ``tag_state``
+      says what the producer was told about it: ``accepted``, ``refused`` or ``ambiguous``
+      (a Redis MONITOR can then count how often each was really written).
 
     ``hold()`` pauses it between batches (the test reads Redis' state in between).
     """
 
     def __init__(self, redis_url: str, api_url: str | None, cfg: ModelConfig, seed: int = 0,
-                 batch: int = 8, pause: float = 0.02, bad_every: int = 50) -> None:
+                 batch: int = 8, pause: float = 0.02, bad_every: int = 50,
+                 mode: str = "mixed", prefix: str = "s") -> None:
         from service.codec import EntryCodec
         from worker_helpers import synthetic
 
@@ -253,12 +259,18 @@ class Producer:
         self.batch = batch
         self.pause = pause
         self.bad_every = bad_every
+        assert mode in ("mixed", "api", "raw") and (api_url or mode == "raw")
+        self.mode = mode
+        self.prefix = prefix
         self.good: list[bytes] = []
         self.bad: dict[bytes, str] = {}
         self.refused = 0
         self.ambiguous = 0
         self.errors: list[str] = []
         self.accept_times: list[tuple[float, int]] = []
+        self.api_calls: list[tuple[float, float, int]] = []
+        self.tag_state: dict[str, str] = {}
+        self.bad_tags: set[str] = set()  # malformed samples (raw XADDs only)
         self._i = 0
         self._round = 0
         self._stop = threading.Event()
@@ -317,7 +329,7 @@ class Producer:
                 lo, hi = self._i, self._i + self.batch
                 self._i = hi
                 self._round += 1
-                if http is not None and self._round % 2:
+                if http is not None and (self.mode == "api" or self._round % 2):
                     self._via_api(http, lo, hi)
                 else:
                     self._via_redis(raw, stream, lo, hi, redis)
@@ -328,34 +340,44 @@ class Producer:
                 http.close()
 
     def _via_api(self, http: httpx.Client, lo: int, hi: int) -> None:
-        body = {"samples": [{"x": self.x[j].tolist(), "y": int(self.y[j])}
-                            for j in range(lo, hi)]}
+        tags = [f"{self.prefix}{j}" for j in range(lo, hi)]
+        body = {"samples": [{"x": self.x[j].tolist(), "y": int(self.y[j]), "id": tag}
+                            for j, tag in zip(range(lo, hi), tags)]}
         n = hi - lo
+        t0 = time.monotonic()
         try:
             r = http.post("/ingest", json=body)
         except httpx.HTTPError as exc:
+            self.api_calls.append((t0, time.monotonic(), 0))
             self.errors.append(f"api: {exc!r}"[:200])
             self.ambiguous += n
+            self.tag_state.update(dict.fromkeys(tags, "ambiguous"))
             return
+        self.api_calls.append((t0, time.monotonic(), r.status_code))
         if r.status_code == 202:
             self.good += [i.encode() for i in r.json()["ids"]]
             self.accept_times.append((time.monotonic(), n))
+            self.tag_state.update(dict.fromkeys(tags, "accepted"))
         elif r.status_code == 503 and "Redis is down" in r.text:
             self.refused += n  # answered from the API's Redis health flag: nothing was sent
+            self.tag_state.update(dict.fromkeys(tags, "refused"))
         else:
             # 503 after a Redis error mid-request: the MULTI may have been executed.
             self.errors.append(f"api {r.status_code}: {r.text[:160]}")
             self.ambiguous += n
+            self.tag_state.update(dict.fromkeys(tags, "ambiguous"))
 
     def _via_redis(self, raw: Any, stream: str, lo: int, hi: int, redis: Any) -> None:
         pipe = raw.pipeline(transaction=True)
         kinds: list[bool] = []
-        for j in range(lo, hi):
+        tags = [f"{self.prefix}{j}" for j in range(lo, hi)]
+        for j, tag in zip(range(lo, hi), tags):
             if j % self.bad_every == self.bad_every - 1:
-                pipe.xadd(stream, {"x": "[1, 2]", "y": "0"})
+                pipe.xadd(stream, {"x": "[1, 2]", "y": "0", "id": tag})
                 kinds.append(False)
+                self.bad_tags.add(tag)
             else:
-                pipe.xadd(stream, self.codec.encode(self.x[j], int(self.y[j])))
+                pipe.xadd(stream, self.codec.encode(self.x[j], int(self.y[j]), sample_id=tag))
                 kinds.append(True)
         try:
             ids = pipe.execute()
@@ -363,10 +385,13 @@ class Producer:
             text = f"{type(exc).__name__}: {exc}"
             if "refused" in text.lower() or "Error 111" in text:
                 self.refused += len(kinds)
+                self.tag_state.update(dict.fromkeys(tags, "refused"))
             else:
                 self.errors.append(f"raw: {text}"[:200])
                 self.ambiguous += len(kinds)
+                self.tag_state.update(dict.fromkeys(tags, "ambiguous"))
             return
+        self.tag_state.update(dict.fromkeys(tags, "accepted"))
         for ok, eid in zip(kinds, ids):
             if ok:
                 self.good.append(eid)
@@ -375,5 +400,53 @@ class Producer:
         self.accept_times.append((time.monotonic(), len(kinds)))
 
 
-__all__ = ["Archiver", "LedgerProof", "Outcome", "Predictor", "Producer", "ROOT", "free_port", "service_env",
+class Monitor:
+    """Counts every XADD Redis executes on a stream, by the entry's ``id`` field, from a
+    ``MONITOR`` connection: the ground truth of what was written, whatever a client was told
+    and whatever the worker trimmed since. (A MONITOR shows the commands inside MULTI/EXEC
+    too, and those a client sent before it gave up on the connection.)"""
+
+    def __init__(self, redis_url: str, stream: str) -> None:
+        import re
+
+        import redis
+
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=None)
+        self._conn = self._client.connection_pool.get_connection()
+        self._conn.send_command("MONITOR")
+        assert self._conn.read_response() in (b"OK", "OK")
+        key = re.escape(stream.encode())
+        self._pattern = re.compile(rb'"XADD" "' + key + rb'" .*"id" "([^"]+)"')
+        self.writes: dict[str, int] = {}
+        self.commands: dict[str, int] = {}  # every command Redis ran, by name
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                line = self._conn.read_response(disable_decoding=True)
+            except Exception:  # noqa: BLE001 -- closed by stop()
+                return
+            if not isinstance(line, bytes):
+                continue
+            head = line.split(b'] "', 1)
+            if len(head) == 2:
+                name = head[1].split(b'"', 1)[0].decode(errors="replace").upper()
+                self.commands[name] = self.commands.get(name, 0) + 1
+            if b'"XADD"' in line:
+                m = self._pattern.search(line)
+                if m:
+                    tag = m.group(1).decode()
+                    self.writes[tag] = self.writes.get(tag, 0) + 1
+
+    def stop(self) -> None:
+        try:
+            self._conn.disconnect()
+        finally:
+            self._thread.join(10)
+            self._client.close()
+
+
+__all__ = ["Archiver", "LedgerProof", "Monitor", "Outcome", "Predictor", "Producer", "ROOT", "free_port", "service_env",
            "sid", "spawn_worker", "tail", "trained_ids", "worker_gauge"]
