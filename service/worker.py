@@ -476,6 +476,13 @@ class ModelWorker:
             self.covered.clear()
             # Publish at once so the API has a model to serve before any sample arrives.
             self.checkpoint()
+        # Retention at start too: a predecessor killed between a checkpoint and its prune left
+        # one version too many, and there may be nothing new to checkpoint (and prune) for long.
+        try:
+            self.store.prune(self.config.keep_snapshots,
+                             protect={v for v in (self.restored_version, self.version) if v})
+        except OSError as exc:
+            log.warning("%s: pruning snapshots failed: %s", self.config.name, exc)
         counts = self.redis.hgetall(self.dead_counts)
         if counts:  # exact even when dead letters came after the restored checkpoint
             self.trainer.dead_letters.update({k.decode(): int(v) for k, v in counts.items()})

@@ -577,6 +577,97 @@ def test_redis_frozen_then_resumed(redis_server, tmp_path: Path) -> None:  # typ
             runtime_s=round(time.monotonic() - t_start, 1))
 
 
+
+# -- 4. API SIGKILL and restart under load ----------------------------------------------------
+
+API_RESTARTS = 3
+
+
+def test_api_sigkill_restart_serves_newest(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The API SIGKILLed and started again (same port) 3 times while a client predicts in a
+    loop and the worker keeps publishing: each time the new process answers with a version at
+    least LATEST on disk when it started (newer than what the killed one served), every
+    prediction after its first success succeeds, and it keeps following LATEST."""
+    t_start = time.monotonic()
+    cfg = small_config(max_batch=64, snapshot_every_steps=50, snapshot_every_seconds=0.25,
+                       keep_snapshots=3)
+    data_dir = tmp_path / "data"
+    env = service_env(redis_server.url, data_dir, cfg)
+    store = SnapshotStore(data_dir / "snapshots", MODEL)
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(env, "w", log)
+    api = ApiProcess(env, tmp_path / "api-0.log")
+    port = api.port
+    predictor = producer = None
+    cycles: list[dict[str, object]] = []
+    try:
+        wait_until(lambda: store.latest_version() is not None, timeout=60,
+                   what="the worker publishes v1")
+        api.wait_ready(path="/readyz")
+        producer = Producer(redis_server.url, None, cfg, seed=13, mode="raw").start()
+        predictor = Predictor(api.url, cfg.num_features).start()
+        for k in range(API_RESTARTS):
+            time.sleep(1.5)
+            served_before = max(o.version or 0 for o in predictor.outcomes if o.status == 200)
+            api.proc.kill()
+            api.proc.wait(10)
+            t_kill = time.monotonic()
+            api.stop()
+            time.sleep(0.5)  # down: predictions fail (connection refused), counted apart
+            latest_at_start = store.latest_version()
+            t_up = time.monotonic()
+            api = ApiProcess(env, tmp_path / f"api-{k + 1}.log", port=port)
+            wait_until(lambda: any(o.status == 200 for o in predictor.between(t_up, 1e18)),
+                       timeout=60, what="the restarted API answers")
+            first = next(o for o in predictor.between(t_up, 1e18) if o.status == 200)
+            latest_at_first = store.latest_version()
+            # It keeps following LATEST: a response at least as new as LATEST read now.
+            target = store.latest_version()
+            t_follow = time.monotonic()
+            wait_until(lambda: any((o.version or 0) >= target
+                                   for o in predictor.between(t_follow, 1e18)),
+                       timeout=10, what="the restarted API follows LATEST")
+            time.sleep(0.5)
+            after = [o for o in predictor.between(first.t0, 1e18)]
+            cycles.append({"served_before": served_before, "latest_at_start": latest_at_start,
+                           "first_version": first.version, "latest_at_first": latest_at_first,
+                           "failed_down": sum(1 for o in predictor.between(t_kill - 0.2, first.t0)
+                                              if o.status != 200),
+                           "failed_after": sum(1 for o in after if o.status != 200),
+                           "after": len(after),
+                           "restart_to_first_success_s": round(first.t1 - t_up, 2),
+                           "kill_to_first_success_s": round(first.t1 - t_kill, 2)})
+        producer.stop()
+        predictor.stop()
+    finally:
+        for thing in (producer, predictor):
+            if thing is not None:
+                thing.stop()
+        api.stop()
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except Exception:  # noqa: BLE001
+                worker.kill()
+
+    for c in cycles:
+        # The newest snapshot, not the one the killed process had: the worker went on meanwhile.
+        assert c["first_version"] >= c["latest_at_start"], c  # type: ignore[operator]
+        assert c["first_version"] > c["served_before"], c  # type: ignore[operator]
+        assert c["failed_after"] == 0 and c["after"] > 20, c  # type: ignore[operator]
+        _report("API SIGKILL", **c)
+    # Before the first kill, nothing failed either.
+    first_kill = min(o.t0 for o in predictor.outcomes if o.status != 200)
+    assert all(o.status == 200 for o in predictor.outcomes if o.t0 < first_kill)
+    _report("API SIGKILL totals", restarts=len(cycles),
+            predictions=len(predictor.outcomes),
+            failed_while_down=sum(int(c["failed_down"]) for c in cycles),  # type: ignore[call-overload]
+            failed_after_restart=sum(int(c["failed_after"]) for c in cycles),  # type: ignore[call-overload]
+            restart_to_first_success_median_s=statistics.median(
+                float(c["restart_to_first_success_s"]) for c in cycles),  # type: ignore[arg-type]
+            runtime_s=round(time.monotonic() - t_start, 1))
+
 def test_writes_retried_across_a_stall_count_once(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Redis stalls (SIGSTOP) a little longer than the socket timeout: the client gives up on
     the first try and redis-py's retry sends the command again on a new connection -- and when
