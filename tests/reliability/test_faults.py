@@ -9,11 +9,19 @@ measure (injections, losses, recovery times) is printed; run with ``-s`` to see 
 
     python3 -m pytest -q -s tests/reliability/test_faults.py
 
-1. the worker SIGKILLed 12 times (4 of them mid-checkpoint-write) under 20,000 samples;
-2. Redis SIGKILLed and restarted from its AOF, then restarted from an AOF one second older
-   (what ``appendfsync everysec`` can lose when the host dies), under load;
-3. Redis frozen (SIGSTOP) for 10 s, then resumed;
-4. the API SIGKILLed and restarted under prediction load while the worker keeps publishing.
+1. the worker SIGKILLed 12 times under 20,000 samples: 3 mid-checkpoint-write, 3 between a
+   checkpoint and its XACK (the ``NP_FAULT_SNAPSHOT_WRITE_DELAY_SECONDS`` hook in
+   service/snapshots.py holds each window open), 6 at random moments; retention checked;
+2. Redis SIGKILLed and restarted from its AOF; then a host crash: Redis and the worker killed,
+   Redis restarted from an AOF one second older (what ``appendfsync everysec`` can lose), under
+   load, with /predict in a loop;
+3. Redis frozen (SIGSTOP) for 10 s, then resumed, with a MONITOR counting every write;
+4. the API SIGKILLed and restarted 3 times under prediction load while the worker publishes;
+5. Redis stalled just past the socket timeout: a retried write runs twice in Redis, and the
+   worker's dead-letter write still counts once.
+
+Checkpoints in tests 2-4 are time-based (every 0.25 s): a version then lives at least
+``keep_snapshots`` x 0.25 s, ample for the archiver to link it.
 """
 
 from __future__ import annotations
@@ -74,7 +82,7 @@ KEEP = 4
 
 def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     t_start = time.monotonic()
-    cfg = small_config(max_batch=64, snapshot_every_steps=50, snapshot_every_seconds=0.25,
+    cfg = small_config(max_batch=64, snapshot_every_steps=100, snapshot_every_seconds=0.25,
                        keep_snapshots=KEEP)
     data_dir = tmp_path / "data"
     env = service_env(redis_server.url, data_dir, cfg)
@@ -298,7 +306,7 @@ def test_redis_sigkill_and_aof_restart(redis_server, tmp_path: Path) -> None:  #
     # keep_snapshots=2, 4 checkpoints a second: the second the AOF loses holds more checkpoints
     # than retention keeps (the worker used to remember only the newest keep_snapshots ledgers
     # and retrained 15-40 entries here; it now remembers the last worker.COVERED_SECONDS).
-    cfg = small_config(max_batch=64, snapshot_every_steps=50, snapshot_every_seconds=0.25,
+    cfg = small_config(max_batch=64, snapshot_every_steps=1000, snapshot_every_seconds=0.25,
                        keep_snapshots=2)
     data_dir = tmp_path / "data"
     metrics_port = free_port()
@@ -353,8 +361,12 @@ def test_redis_sigkill_and_aof_restart(redis_server, tmp_path: Path) -> None:  #
                 wait_until(lambda: sid(store.read_header_metadata(store.latest_version())
                                        ["last_stream_id"]) >= first_new,
                            timeout=30, every=0.05, what="the worker trains again")
+                wait_until(lambda: any(c[2] == 202 and c[0] >= t_up
+                                       for c in list(producer.api_calls)),
+                           timeout=30, what="POST /ingest recovers")
+                api_back = min(c[1] for c in producer.api_calls if c[2] == 202 and c[0] >= t_up)
                 faults.append({
-                    "fault": fault, "accepted_before": good_before, "lost": len(lost),
+                    "fault": fault, "api_ingest_recovered_s": round(api_back - t_up, 2), "accepted_before": good_before, "lost": len(lost),
                     "lost_ids": lost, "restored": restored, "t_kill_ms": t_kill_ms,
                     "t_copy_ms": t_copy_ms if fault == "host" else None,
                     "accepted_last_2s": accepted_last_2s,
@@ -439,7 +451,20 @@ def test_redis_frozen_then_resumed(redis_server, tmp_path: Path) -> None:  # typ
     never, and what timed out (commands Redis runs when it wakes up) at most once.
     """
     t_start = time.monotonic()
-    cfg = small_config(max_batch=64, snapshot_every_steps=50, snapshot_every_seconds=0.25,
+    from service.settings import Settings
+    from service.worker import ModelWorker
+    from service.worker_metrics import WorkerMetrics
+
+    # The worker's blocking read never outlasts its socket timeout (else a BLOCK would read as
+    # a dead connection): BLOCK is capped at half of it, whatever NP_WORKER_BLOCK_MS says.
+    probe = Settings(redis_url=redis_server.url, redis_socket_timeout=SOCKET_TIMEOUT,
+                     worker_block_ms=10_000, data_dir=tmp_path / "probe",
+                     models=[small_config()])
+    mw = ModelWorker(probe, probe.models[0], WorkerMetrics(), threading.Event(), "probe")
+    assert mw.block_ms == SOCKET_TIMEOUT * 1000 / 2
+    mw.redis.close()
+
+    cfg = small_config(max_batch=64, snapshot_every_steps=1000, snapshot_every_seconds=0.25,
                        keep_snapshots=3)
     data_dir = tmp_path / "data"
     metrics_port = free_port()
@@ -485,6 +510,11 @@ def test_redis_frozen_then_resumed(redis_server, tmp_path: Path) -> None:  # typ
             wait_until(lambda: producer.first_accept_after(t_resume) is not None, timeout=30,
                        what="ingest recovers")
             ingest_recovered = producer.first_accept_after(t_resume) - t_resume  # type: ignore[operator]
+            wait_until(lambda: any(c[2] == 202 and c[0] >= t_resume
+                                   for c in list(prober.api_calls)),
+                       timeout=30, what="POST /ingest recovers")
+            api_ingest_recovered = min(c[1] for c in prober.api_calls
+                                       if c[2] == 202 and c[0] >= t_resume) - t_resume
             wait_until(lambda: worker_gauge(metrics_port, "normprop_worker_redis_up") == 1,
                        timeout=30, what="the worker reconnects")
             worker_recovered = time.monotonic() - t_resume
@@ -571,6 +601,7 @@ def test_redis_frozen_then_resumed(redis_server, tmp_path: Path) -> None:  # typ
             ambiguous_samples=producer.ambiguous + prober.ambiguous,
             ambiguous_written=written_ambiguous,
             ingest_recovered_s=round(ingest_recovered, 2),
+            api_ingest_recovered_s=round(api_ingest_recovered, 2),
             worker_redis_up_s=round(worker_recovered, 2),
             training_recovered_s=round(training_recovered, 2),
             readyz_redis_true_s=round(ready_after_s, 2), accepted=len(good), trained=len(proof.trained),
@@ -589,7 +620,7 @@ def test_api_sigkill_restart_serves_newest(redis_server, tmp_path: Path) -> None
     least LATEST on disk when it started (newer than what the killed one served), every
     prediction after its first success succeeds, and it keeps following LATEST."""
     t_start = time.monotonic()
-    cfg = small_config(max_batch=64, snapshot_every_steps=50, snapshot_every_seconds=0.25,
+    cfg = small_config(max_batch=64, snapshot_every_steps=1000, snapshot_every_seconds=0.25,
                        keep_snapshots=3)
     data_dir = tmp_path / "data"
     env = service_env(redis_server.url, data_dir, cfg)
