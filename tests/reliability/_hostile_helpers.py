@@ -23,8 +23,8 @@ _SERVICE_TESTS = str(Path(__file__).resolve().parents[1] / "service")
 if _SERVICE_TESTS not in sys.path:
     sys.path.insert(0, _SERVICE_TESTS)
 
-from test_api_support import (ROOT, ApiProcess, free_port, np_env, publish,  # noqa: E402
-                              shared_conftest)
+from test_api_support import (ROOT, ApiProcess, free_port, metric_samples,  # noqa: E402
+                              np_env, publish, shared_conftest)
 
 from service import keys  # noqa: E402
 from service.settings import ModelConfig  # noqa: E402
@@ -90,6 +90,15 @@ class LiveApi:
     def lengths(self) -> dict[str, tuple[int, int]]:
         """(samples, dead letters) of every model's streams."""
         return {m.name: (self.stream_len(m.name), self.dead_len(m.name)) for m in MODELS}
+
+    def requests_by_status(self) -> dict[int, int]:
+        """Requests the API answered so far, by status, from its own latency histogram."""
+        samples = metric_samples(self.http.get("/metrics").text)
+        out: dict[int, int] = {}
+        for labels, value in samples.get("normprop_api_request_duration_seconds_count", []):
+            status = int(labels["status"])
+            out[status] = out.get(status, 0) + int(value)
+        return dict(sorted(out.items()))
 
 
 @contextlib.contextmanager

@@ -164,6 +164,10 @@ def test_keys_never_appear_in_logs_or_responses(api: LiveApi) -> None:
             for name, value in resp.headers.items():
                 assert key not in value and key not in name, name
     assert "Traceback" not in log
+    counts = api.requests_by_status()
+    print(f"\nsecurity: {sum(counts.values())} requests answered, by status: {counts}; "
+          f"{len(log.splitlines())} log lines searched")
+    assert not [s for s in counts if s >= 500], counts
 
 
 def test_settings_errors_do_not_print_keys(tmp_path: Path) -> None:
