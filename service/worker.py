@@ -284,10 +284,11 @@ class ModelWorker:
         self.restored_version: int | None = None
         self.high_water: StreamId = (0, 0)  # highest ID processed (trained, skipped, dead)
         self.ledger: list[bytes] = []       # IDs consumed since the newest checkpoint
-        # Ledgers of the newest checkpoints, (created_at, IDs), the last COVERED_SECONDS: a
-        # pending entry in one of them is trained already (crash between write and XACK, or
-        # acks lost when Redis restarted from an older AOF).
-        self.covered: collections.deque[tuple[float, set[bytes]]] = collections.deque()
+        # Ledgers of the newest checkpoints, (created_at, IDs, their (n, 2) tensor), the last
+        # COVERED_SECONDS: a pending entry in one of them is trained already (crash between
+        # write and XACK, or acks lost when Redis restarted from an older AOF).
+        self.covered: collections.deque[tuple[float, set[bytes], torch.Tensor]] = \
+            collections.deque()
         self.unacked: list[bytes] = []      # covered by a written checkpoint, ack not confirmed
         self.needs_recovery = True
         self.dirty = False                  # anything to checkpoint?
@@ -453,7 +454,8 @@ class ModelWorker:
             self.covered.clear()
             created = float(snap.metadata.get("created_at", time.time()))
             if "ledger.recent" in snap.tensors:
-                self._remember(created - 1e-3, _ledger_ids(snap, "ledger.recent"))
+                self._remember(created - 1e-3, _ledger_ids(snap, "ledger.recent"),
+                               snap.tensors["ledger.recent"])
             else:  # a checkpoint from before ledger.recent: the older versions' own ledgers
                 for older in versions[-LEGACY_COVERED_CHECKPOINTS:]:
                     if older < v:
@@ -462,8 +464,8 @@ class ModelWorker:
                         except SnapshotError:
                             continue
                         self._remember(float(old.metadata.get("created_at", 0.0)),
-                                       _ledger_ids(old))
-            self._remember(created, _ledger_ids(snap))
+                                       _ledger_ids(old), _ledger_of(old))
+            self._remember(created, _ledger_ids(snap), _ledger_of(snap))
             self.last_checkpoint_wall = float(snap.metadata.get("created_at", time.time()))
             self._last_rollback_id = snap.metadata.get("rollback_request")
             log.info("%s: restored v%d (%d samples trained, last ID %s)", self.config.name, v,
@@ -538,11 +540,11 @@ class ModelWorker:
         self.needs_recovery = False
 
     def _is_covered(self, eid: bytes) -> bool:
-        return any(eid in ledger for _, ledger in self.covered)
+        return any(eid in ledger for _, ledger, _ in self.covered)
 
-    def _remember(self, created_at: float, ids: set[bytes]) -> None:
+    def _remember(self, created_at: float, ids: set[bytes], tensor: torch.Tensor) -> None:
         """Add a checkpoint's ledger to ``covered``; forget those older than the window."""
-        self.covered.append((created_at, ids))
+        self.covered.append((created_at, ids, tensor))
         newest = created_at
         while len(self.covered) > COVERED_MIN_CHECKPOINTS and (
                 newest - self.covered[0][0] > COVERED_SECONDS
@@ -811,13 +813,13 @@ class ModelWorker:
         tensors = self.trainer.checkpoint_tensors()
         tensors["ledger.ids"] = ledger
         # The ledgers remembered (the last COVERED_SECONDS), for a restart (see the module doc).
-        recent = [eid for _, led in self.covered for eid in led]
-        tensors["ledger.recent"] = _ledger_tensor(recent)
+        tensors["ledger.recent"] = torch.cat(
+            [torch.zeros(0, 2, dtype=torch.int64)] + [t for _, _, t in self.covered])
         created = time.time()
         metadata["created_at"] = created
         self.store.write(version, tensors, metadata)
         self.version = version
-        self._remember(created, set(ids))
+        self._remember(created, set(ids), ledger)
         self.unacked.extend(ids)
         self.ledger = []
         self.dirty = False
@@ -984,10 +986,14 @@ class ModelWorker:
                 pass
 
 
+def _ledger_of(snapshot: Snapshot, key: str = "ledger.ids") -> torch.Tensor:
+    """A checkpoint's ledger: an int64 ``(n, 2)`` tensor of ``(ms, seq)``."""
+    return snapshot.tensors.get(key, torch.zeros(0, 2, dtype=torch.int64)).reshape(-1, 2)
+
+
 def _ledger_ids(snapshot: Snapshot, key: str = "ledger.ids") -> set[bytes]:
     """The stream IDs a checkpoint's ledger lists, in Redis' ``b"ms-seq"`` form."""
-    ledger = snapshot.tensors.get(key, torch.zeros(0, 2, dtype=torch.int64))
-    return {f"{ms}-{seq}".encode() for ms, seq in ledger.tolist()}
+    return {f"{ms}-{seq}".encode() for ms, seq in _ledger_of(snapshot, key).tolist()}
 
 
 def _nan(v: float | None) -> float:
