@@ -26,8 +26,6 @@ Checkpoints in tests 2-4 are time-based (every 0.25 s): a version then lives at 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 import signal
@@ -42,7 +40,7 @@ import redis
 
 from _fault_helpers import (Archiver, Monitor, Predictor, Producer, free_port, service_env,
                             sid, spawn_worker, tail, trained_ids, worker_gauge)
-from test_api_support import ApiProcess, stop_process
+from test_api_support import ApiProcess
 from worker_helpers import MODEL, small_config, synthetic, wait_until
 
 from service import keys
@@ -423,7 +421,6 @@ def test_redis_sigkill_and_aof_restart(redis_server, tmp_path: Path) -> None:  #
     surviving_bad = {sid(e) for e in producer.bad} - all_lost
     assert set(dead) == surviving_bad, "a malformed entry that survived was not dead-lettered"
     r.close()
-    print("\n".join(sorted(set(e[:120] for e in producer.errors))))
     for f in faults:
         f.pop("lost_ids")
         _report("redis SIGKILL", **f)
