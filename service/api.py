@@ -142,14 +142,16 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def _redis_client(settings: Settings) -> Redis:
-    # Fail fast (one quick retry for a stale pooled connection): ingest should answer 503
-    # promptly rather than hold the client through redis-py's default backoff.
+def _redis_client(settings: Settings, retries: int | None = None) -> Redis:
+    """The API's Redis client. Fail fast (by default one quick retry for a stale pooled
+    connection): ingest should answer 503 promptly rather than hold the client through
+    redis-py's default backoff. ``retries=0`` is for non-idempotent writes (see ``ApiState``).
+    """
+    tries = min(settings.redis_retries, 1) if retries is None else retries
     return Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL,
                           socket_timeout=settings.redis_socket_timeout,
                           socket_connect_timeout=settings.redis_connect_timeout,
-                          retry=Retry(ExponentialBackoff(cap=0.05, base=0.01),
-                                      min(settings.redis_retries, 1)),
+                          retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), tries),
                           health_check_interval=0, **tls_options(settings))
 
 
@@ -195,6 +197,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.redis_url is None:
         log.warning("NP_REDIS_URL is not set; using %s", DEFAULT_REDIS_URL)
     state.redis = _redis_client(settings)
+    state.redis_writes = _redis_client(settings, retries=0)
     # Known before the first request; the API starts (and serves) even if Redis is down.
     state.redis_ok = await _ping(state)
     metrics_up = state.metrics.redis_up
@@ -216,6 +219,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*state.tasks, return_exceptions=True)
         await state.redis.aclose()
+        await state.redis_writes.aclose()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

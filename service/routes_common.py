@@ -117,6 +117,10 @@ class ApiState:
     metrics: ApiMetrics
     server: ModelServer
     redis: Redis | None = None
+    #: A client that never retries, for the ingest transaction: a retry after a timeout can
+    #: run the same MULTI twice (Redis executes what the timed-out connection had sent once
+    #: it answers again), so a lost reply is reported as "may have been written" instead.
+    redis_writes: Redis | None = None
     #: The last Redis ping's outcome; ingest answers 503 at once while it is False.
     redis_ok: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)

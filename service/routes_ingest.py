@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -20,9 +21,9 @@ from starlette.responses import Response
 
 from . import keys
 from .codec import DecodeError, EntryCodec
-from .routes_common import (BODY_ERRORS, ApiError, Features, api_state, error_responses,
-                            find_slot, inline_schema, json_response, read_json_object,
-                            require_key)
+from .routes_common import (BODY_ERRORS, ApiError, ApiState, Features, api_state,
+                            error_responses, find_slot, inline_schema, json_response,
+                            read_json_object, require_key)
 
 router = APIRouter(tags=["ingest"])
 
@@ -92,7 +93,9 @@ def encode_sample(codec: EntryCodec, index: int, sample: Any) -> dict[str, bytes
                  *BODY_ERRORS, 401, 403, 404, 429, 503, descriptions={
                      401: "the ingest API key is missing", 403: "the ingest API key is wrong",
                      422: "a bad sample (names its index and reason); nothing was written",
-                     503: "Redis unavailable; nothing was written, retry after Retry-After"}))
+                     503: "Redis unavailable (code redis_unavailable: nothing was written, "
+                          "retry after Retry-After), or its reply to the write was lost "
+                          "(code write_unconfirmed: the samples may have been written)"}))
 async def ingest(request: Request) -> Response:
     """Validate every sample, then XADD them in one atomic pipeline; 202 with the IDs."""
     state = api_state(request)
@@ -121,26 +124,57 @@ async def ingest(request: Request) -> Response:
         raise ApiError(503, "redis_unavailable", "the stream is unavailable (Redis is down); "
                        "nothing was written, retry later", headers=retry)
     stream = keys.samples_stream(slot.name)
+    writer = state.redis_writes or state.redis
     try:
-        backlog = await state.redis.xlen(stream)
+        backlog = await _xlen(writer, stream)
         if backlog + n > state.settings.max_backlog:
             rejected.labels(slot.name, "backlog").inc(n)
             raise ApiError(429, "backlog_full", f"{backlog} samples wait for training (limit "
                            f"{state.settings.max_backlog}); nothing was written, retry later",
                            headers=retry)
-        async with state.redis.pipeline(transaction=True) as pipe:
-            for fields in entries:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]
-            ids = await pipe.execute()
     except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
-        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
-            state.redis_ok = False
-            state.metrics.redis_up.set(0)
+        _redis_failed(state, exc)
         rejected.labels(slot.name, "redis_unavailable").inc(n)
         raise ApiError(503, "redis_unavailable", f"the stream is unavailable "
                        f"({type(exc).__name__}); nothing was written, retry later",
                        headers=retry) from None
+    try:
+        # One try only (``redis_writes`` never retries): after a timeout Redis may still run
+        # the MULTI it had received, and a retry would write the samples twice.
+        async with writer.pipeline(transaction=True) as pipe:
+            for fields in entries:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            ids = await pipe.execute()
+    except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
+        _redis_failed(state, exc)
+        if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+            # Redis answered with an error: EXEC aborted, nothing was written.
+            rejected.labels(slot.name, "redis_unavailable").inc(n)
+            raise ApiError(503, "redis_unavailable", f"Redis refused the write "
+                           f"({type(exc).__name__}); nothing was written, retry later",
+                           headers=retry) from None
+        rejected.labels(slot.name, "write_unconfirmed").inc(n)
+        raise ApiError(503, "write_unconfirmed", f"Redis did not confirm the write "
+                       f"({type(exc).__name__}): the {n} samples may or may not have been "
+                       f"written; a retry can duplicate them", headers=retry) from None
     state.metrics.ingest_accepted.labels(slot.name).inc(n)
     return json_response({"model": slot.name, "accepted": n,
                           "ids": [i.decode() if isinstance(i, bytes) else str(i) for i in ids]},
                          status=202)
+
+
+def _redis_failed(state: ApiState, exc: BaseException) -> None:
+    """A connection-level failure marks Redis down until the next successful ping."""
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+        state.redis_ok = False
+        state.metrics.redis_up.set(0)
+
+
+async def _xlen(writer: Redis, stream: str) -> int:
+    """XLEN on the write client, once more on a fresh connection if the pooled one was dead
+    (a Redis restart closes it; XLEN is safe to repeat). This also leaves the MULTI that
+    follows a live connection, so a restart does not turn into a false "write unconfirmed"."""
+    try:
+        return int(await writer.xlen(stream))
+    except (RedisConnectionError, OSError):
+        return int(await writer.xlen(stream))

@@ -203,11 +203,13 @@ def parse_instances(codec: EntryCodec, instances: Any, raw_has_bool: bool) -> np
     if not raw_has_bool:
         try:
             arr = np.asarray(instances)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             arr = None
         if (arr is not None and arr.dtype.kind in "iuf" and arr.ndim >= 2
                 and arr.shape[0] == n and arr.size == n * f):
-            out = arr.reshape(n, f).astype(np.float32, copy=False)
+            # Values beyond float32 become inf here and are refused just below (slow path).
+            with np.errstate(over="ignore"):
+                out = arr.reshape(n, f).astype(np.float32, copy=False)
             if np.isfinite(out).all():
                 return out
     # Slow path: say which instance is wrong.
@@ -224,6 +226,8 @@ def parse_instances(codec: EntryCodec, instances: Any, raw_has_bool: bool) -> np
                                             "or nulls)")
         try:
             arr_i = np.asarray(inst, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64
+            raise InstanceError(i, "nonfinite", "a feature is beyond the float range") from None
         except (ValueError, TypeError):
             raise InstanceError(i, "bad_x", "features must be a (nested) rectangular list "
                                             "of numbers") from None

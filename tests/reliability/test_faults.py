@@ -704,8 +704,9 @@ def test_writes_retried_across_a_stall_count_once(redis_server, tmp_path: Path) 
     The worker's dead-letter write is a script that XACKs first and writes only if that acked
     the entry, so however many tries Redis runs, one dead letter is written and counted. The
     same write as a plain MULTI (what the worker sent before) is written once per try Redis
-    runs; so is the API's ingest MULTI (api.py's client retries once). Counts are printed;
-    the MONITOR says how many tries Redis ran.
+    runs. The API's ingest MULTI goes through a client that never retries (ApiState.
+    redis_writes), so it runs once and the caller is told 503 write_unconfirmed. Counts are
+    printed; the MONITOR says how many tries Redis ran.
     """
     import asyncio
 
@@ -760,7 +761,7 @@ def test_writes_retried_across_a_stall_count_once(redis_server, tmp_path: Path) 
             wake.join()
 
     async def api_ingest() -> None:  # what POST /ingest sends (service/routes_ingest.py)
-        api_client = _redis_client(settings)
+        api_client = _redis_client(settings, retries=0)  # ApiState.redis_writes
         await api_client.ping()
         wake = stall()
         try:
@@ -780,6 +781,10 @@ def test_writes_retried_across_a_stall_count_once(redis_server, tmp_path: Path) 
     dead_monitor.stop()
     # The invariant: one dead letter, counted once, the entry acked -- whatever ran twice.
     assert r.xlen(DEAD) == 1 and r.hget(counts, "wrong_length") == b"1"
+    # The ingest write is sent once (no retry): the caller hears "write unconfirmed" for a
+    # write Redis runs once when it wakes, never twice.
+    assert monitor.writes.get("api", 0) == 1, monitor.writes
+    assert answers["api_ingest"] == "TimeoutError"
     assert r.xpending(STREAM, group)["pending"] == 0
     client.close()
     r.close()
