@@ -54,7 +54,8 @@ class ApiMetrics:
         self.ingest_rejected = Counter(
             "normprop_api_ingest_rejected_total",
             "Samples refused by POST /ingest, by reason (a codec reason, 'backlog', "
-            "'redis_unavailable', 'write_unconfirmed', 'request').", ["model", "reason"],
+            "'redis_unavailable', 'write_unconfirmed', 'idempotency_key_reused', 'request').",
+            ["model", "reason"],
             registry=r)
         self.snapshot_load_failures = Counter(
             "normprop_api_snapshot_load_failures_total",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["samples_stream", "dead_letter_stream", "dead_letter_counts", "lease_key",
            "CONSUMER_GROUP", "prediction_key", "labelled_key", "pending_predictions",
-           "served_totals", "served_window"]
+           "served_totals", "served_window", "ingest_request"]
 
 #: The consumer group the model's trainer reads with (XREADGROUP); one group per model stream.
 CONSUMER_GROUP = "trainer"
@@ -53,3 +53,9 @@ def served_totals(model: str) -> str:
 def served_window(model: str) -> str:
     """The most recent labelled predictions' scores (a capped list, newest first)."""
     return f"np:{{{model}}}:served:window"
+
+
+def ingest_request(model: str, key_digest: str) -> str:
+    """What one ``Idempotency-Key`` wrote (body digest and entry IDs; expires):
+    ``np:{model}:ingest:{sha256 of the key}``."""
+    return f"np:{{{model}}}:ingest:{key_digest}"

@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_instances: int = Field(1024, ge=1)
     max_backlog: int = Field(100_000, ge=1)
+    #: How long POST /ingest remembers an Idempotency-Key (a retry within it is answered with
+    #: the first request's IDs instead of writing the samples again).
+    ingest_idempotency_ttl_seconds: float = Field(86_400.0, gt=0)
     snapshot_poll_seconds: float = Field(0.2, gt=0)
     #: A prediction whose measured compute is below this runs on the event loop, above it in a
     #: thread (0: always a thread). See ``service/serving.py`` and docs/SERVICE.md.
