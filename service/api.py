@@ -274,6 +274,9 @@ class Readiness(BaseModel):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app for ``settings`` (read from ``NP_*`` environment variables by default)."""
     settings = settings or Settings()
+    # uvicorn configures its own loggers only; the service's go to the root logger.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("service").setLevel(settings.log_level)
     metrics = ApiMetrics()
     state = ApiState(settings=settings, metrics=metrics, server=ModelServer(settings, metrics))
     metrics.watch_served(lambda: state.served)

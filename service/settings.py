@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     worker_block_ms: int = Field(200, ge=1)
     consumer_name: str | None = None
     torch_threads: int | None = Field(None, ge=1)
+    #: The service's own log level (worker and API; uvicorn's access log has its own flags).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
     # Only the holder of a model's lease trains it; it renews every third of the TTL, and
     # another worker takes over this long after the holder dies.
     lease_ttl_seconds: float = Field(10.0, gt=0)

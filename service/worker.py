@@ -1050,9 +1050,9 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
 
 def main(argv: Iterable[str] | None = None) -> None:
     """``python -m service.worker``: settings from the environment; SIGTERM/SIGINT stop it."""
-    logging.basicConfig(level=os.environ.get("NP_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:

@@ -73,3 +73,15 @@ def test_predict_key_and_cors(tmp_path: Path) -> None:
 ])
 def test_layer_stats_summary_takes_any_shape(stats: object, expected: list[tuple]) -> None:
     assert layer_stats_summary(stats) == expected
+
+
+def test_log_level_setting_reaches_the_service_loggers(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    create_app(_settings(tmp_path, log_level="warning"))
+    assert logging.getLogger("service").getEffectiveLevel() == logging.WARNING
+    create_app(_settings(tmp_path, log_level="DEBUG"))
+    assert logging.getLogger("service.api").isEnabledFor(logging.DEBUG)
+    with pytest.raises(ValueError, match="log_level"):
+        _settings(tmp_path, log_level="loud")
