@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -206,10 +207,24 @@ def run(api_port: Optional[int] = typer.Option(None, help="API port (NP_API_PORT
 # -- push ---------------------------------------------------------------------------------------
 def _parse_label(text: str) -> Any:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError:
         return text
-    return value
+
+
+@dataclass(frozen=True)
+class CsvCell:
+    """A CSV label cell: its JSON reading (a number, or the word) and the text as written."""
+
+    value: Any
+    text: str
+
+    def resolve(self, listed: list[Any] | None) -> Any:
+        """A cell ``7`` is the number 7 unless the model's declared classes hold the string
+        "7" and not the number (CSV cannot tell them apart; JSONL can: ``"y": "7"``)."""
+        if listed is not None and self.value not in listed and self.text in listed:
+            return self.text
+        return self.value
 
 
 def iter_samples(path: Path, label_column: Optional[str] = None
@@ -256,8 +271,13 @@ def iter_samples(path: Path, label_column: Optional[str] = None
                 if not row:
                     continue
                 if line_no == 1:
+                    # A header unless the feature cells are numbers (a label may be a word;
+                    # without a header the label column is an index, default the last).
+                    guess = (int(label_column) if label_column is not None
+                             and label_column.lstrip("-").isdigit() else -1)
+                    features = [v for j, v in enumerate(row) if j != guess % len(row)]
                     try:
-                        [float(v) for v in row]
+                        [float(v) for v in features]
                         header = None
                     except ValueError:
                         header = [h.strip() for h in row]
@@ -272,7 +292,8 @@ def iter_samples(path: Path, label_column: Optional[str] = None
                     x = [float(v) for v in values]
                 except ValueError:
                     raise ValueError(f"line {line_no}: a feature is not a number") from None
-                yield line_no, x, _parse_label(row[label_index].strip())
+                cell = row[label_index].strip()
+                yield line_no, x, CsvCell(_parse_label(cell), cell)
     else:
         raise ValueError(f"{path.name}: unknown format (use .csv, .tsv, .jsonl or .npz)")
 
@@ -314,7 +335,9 @@ def push_file(settings: Settings, path: Path, model: str, batch: int = 500,
     from .codec import DecodeError, EntryCodec
     from .redis_options import tls_options
 
-    codec = EntryCodec(settings.model(model))
+    config = settings.model(model)
+    codec = EntryCodec(config)
+    listed = list(config.classes) if getattr(config, "classes", None) else None
     stream = keys.samples_stream(model)
     client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
                                   socket_timeout=settings.redis_socket_timeout,
@@ -343,6 +366,8 @@ def push_file(settings: Settings, path: Path, model: str, batch: int = 500,
         with tqdm(total=total, unit="sample", desc=f"push {path.name} -> {stream}",
                   disable=not progress) as bar:
             for line_no, x, y in iter_samples(path, label_column):
+                if isinstance(y, CsvCell):
+                    y = y.resolve(listed)
                 try:
                     pending.append(codec.encode(x, y, binary=True))
                 except (DecodeError, ValueError, TypeError) as exc:

@@ -120,3 +120,31 @@ def test_run_without_redis_server_says_how_to_install(tmp_path: Path) -> None:
 def test_cli_help(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_push_string_labels(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Models with their own labels take them from files as they are written: bare words in a
+    CSV, JSON strings in JSONL; a label outside a closed set stops the push, naming the row."""
+    pets = ModelConfig(name="pets", input_shape=[2], classes=["cat", "dog", "7"], spec="mlp:4")
+    env = {"NP_REDIS_URL": redis_server.url,
+           "NP_MODELS": json.dumps([pets.model_dump(mode="json")])}
+    csv_path = tmp_path / "pets.csv"
+    csv_path.write_text("a,b,label\n0.5,1,cat\n1.5,2,dog\n2.5,3,\"7\"\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["push", str(csv_path), "--model", "pets", "--no-progress"],
+                           env=env)
+    assert result.exit_code == 0, result.output
+    jsonl = tmp_path / "pets.jsonl"
+    jsonl.write_text(json.dumps({"x": [3.5, 4], "y": "dog"}) + "\n")
+    result = runner.invoke(app, ["push", str(jsonl), "--model", "pets", "--no-progress"], env=env)
+    assert result.exit_code == 0, result.output
+    client = redis.Redis.from_url(redis_server.url)
+    codec = EntryCodec(pets)
+    labels = [codec.decode(f).y for _, f in client.xrange(keys.samples_stream("pets"))]
+    assert labels == ["cat", "dog", "7", "dog"]  # the CSV cell 7 is the listed string "7"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("0.5,1,cat\n0.5,1,cow\n")
+    result = runner.invoke(app, ["push", str(bad), "--model", "pets", "--no-progress"], env=env)
+    assert result.exit_code != 0 and "row 2" in result.output and "cow" in result.output
+    assert client.xlen(keys.samples_stream("pets")) == 5  # the good row before it was pushed
+    client.close()
