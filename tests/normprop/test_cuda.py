@@ -13,17 +13,10 @@ import torch.nn.functional as F
 from normprop import (NormPropConv2d, NormPropLinear, build_model, fold, paper_optimizer,
                       project_weights_, train_step)
 
+from test_layers import scramble_  # rows far from unit norm, gamma and beta moved
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 GPU = torch.device("cuda")
-
-
-def _scramble(layer: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        shape = (layer.weight.shape[0],) + (1,) * (layer.weight.dim() - 1)
-        layer.weight.mul_(torch.rand(shape, generator=g, dtype=layer.weight.dtype) * 4 + 0.05)
-        layer.gamma.copy_(torch.rand(layer.gamma.shape, generator=g) * 2 - 0.5)
-        layer.beta.copy_(torch.randn(layer.beta.shape, generator=g))
 
 
 def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor
@@ -46,7 +39,7 @@ def _forward_backward(layer: torch.nn.Module, x: torch.Tensor, upstream: torch.T
 def test_layer_on_gpu_matches_cpu_float64(make, shape, unit_rows) -> None:
     torch.manual_seed(0)
     cpu = make().double()
-    _scramble(cpu, seed=1)
+    scramble_(cpu, seed=1)
     if unit_rows:
         project_weights_(cpu)
     gpu = make().double().to(GPU)
