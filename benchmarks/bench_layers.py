@@ -6,7 +6,8 @@ Prints, from one run on the same inputs:
   momentum 0.9 and weight decay 5e-4, and -- for NormProp only -- the unit-norm projection of
   section 4.4) of the MLP 784-1024-1024-1024-10 at batch sizes 1, 32, 256 and of the paper's NIN
   (CIFAR-10 shape, 3x32x32) at batch sizes 1 and 50, under ``none`` (plain), ``batchnorm``,
-  ``layernorm`` and ``normprop``, each also as a ratio to plain;
+  ``layernorm`` and ``normprop``, each also as a ratio to plain; ``normprop+psgd`` is the same
+  NormProp step (the same iterates) taken by :class:`normprop.ProjectedSGD`;
 * the median inference time of the folded NormProp net against the plain net's layers.
 
 Every variant of one configuration gets the same input batches, and the variants are timed
@@ -49,9 +50,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normprop import build_model, fold, paper_optimizer, project_weights_  # noqa: E402
+from normprop import ProjectedSGD, build_model, fold, paper_optimizer, project_weights_  # noqa: E402
 
-NORMS = ("none", "batchnorm", "layernorm", "normprop")
+NORMS = ("none", "batchnorm", "layernorm", "normprop", "normprop+psgd")
 MLP_SPEC, MLP_INPUT = "mlp:1024,1024,1024", 784
 
 
@@ -87,6 +88,7 @@ COMPILE = False
 
 def make_net(spec: str, shape: int | tuple[int, ...], norm: str, data: torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
+    norm = "normprop" if norm == "normprop+psgd" else norm
     net = build_model(spec, shape, 10, norm=norm, data_norm="global")  # type: ignore[arg-type]
     net.data_norm.fit(data)
     return net.to(DEVICE)
@@ -103,7 +105,8 @@ CUDA_GRAPHS = False
 
 
 def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = paper_optimizer(net, lr=1e-3)
+    # normprop+psgd: the same iterates as normprop (SGD, then projection) from ProjectedSGD.
+    opt = ProjectedSGD(net, lr=1e-3) if norm == "normprop+psgd" else paper_optimizer(net, lr=1e-3)
     net.train()
     forward = forward_of(net)
 

@@ -25,6 +25,7 @@ from .diagnostics import (
     layer_jacobian,
 )
 from .fold import fold
+from .fused_sgd import ProjectedSGD
 from .layers import NormPropConv2d, NormPropLinear, glorot_normal_
 from .models import NIN_CIFAR, PRESETS, NormPropNet, SpecError, build_model, parse_spec
 from .training import (
@@ -71,6 +72,7 @@ __all__ = [
     "halve_lr_on_plateau",
     "normprop_layers",
     "paper_optimizer",
+    "ProjectedSGD",
     "project_weights_",
     "scaled_lr",
     "train_step",

@@ -70,29 +70,39 @@ class _NormalizedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, gamma: Tensor, eps: float,  # type: ignore[override]
-                unit_rows: bool = False) -> Tensor:
+                unit_rows: bool = False, fused_decay: float | None = None,
+                norms: Tensor | None = None) -> Tensor:
         flat = weight.flatten(1)
-        norms = _norms_of(flat, unit_rows)
+        if norms is None:
+            norms = _norms_of(flat, unit_rows)
         r = norms + eps
         k = gamma / r
         ctx.save_for_backward(weight, norms, r, k)
+        ctx.fused_decay = fused_decay
         return weight * k.view((-1,) + (1,) * (weight.dim() - 1))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weight, norms, r, k = ctx.saved_tensors
         flat_w, flat_g = weight.flatten(1), grad.flatten(1)
         dot = torch.linalg.vecdot(flat_g, flat_w)  # G_i . W_i
         d_weight = d_gamma = None
         if ctx.needs_input_grad[0]:
-            coef = dot / (r * norms.clamp_min(torch.finfo(norms.dtype).tiny))
-            d_weight = torch.addcmul(flat_g, flat_w, coef.unsqueeze(1), value=-1.0)
-            d_weight.mul_(k.unsqueeze(1))
+            n = norms.clamp_min(torch.finfo(norms.dtype).tiny)
+            coef = dot / (r * n)
+            if ctx.fused_decay is None:
+                d_weight = torch.addcmul(flat_g, flat_w, coef.unsqueeze(1), value=-1.0)
+                d_weight.mul_(k.unsqueeze(1))
+            else:  # ProjectedSGD's direction: n * dL/dW + (decay / n) W (see fused_direction)
+                nk = n * k
+                d_weight = flat_g * nk.unsqueeze(1)
+                d_weight.addcmul_(flat_w, (nk * coef - ctx.fused_decay / n).unsqueeze(1),
+                                  value=-1.0)
             d_weight = d_weight.view_as(weight)
         if ctx.needs_input_grad[1]:
             d_gamma = dot / r
-        return d_weight, d_gamma, None, None
+        return d_weight, d_gamma, None, None, None, None
 
 
 class _ShiftedRelu(torch.autograd.Function):
@@ -129,9 +139,12 @@ class _NormPropLinearRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float,  # type: ignore[override]
-                inv_c1: float, c2: float, floor: float | None, unit_rows: bool = False) -> Tensor:
+                inv_c1: float, c2: float, floor: float | None, unit_rows: bool = False,
+                fused_decay: float | None = None, norms: Tensor | None = None) -> Tensor:
         # Known unit rows (n_i = 1): r is the scalar 1 + eps, no per-row tensors.
-        norms = None if unit_rows else torch.linalg.vector_norm(weight, dim=1)
+        ctx.fused_decay = fused_decay
+        if norms is None:
+            norms = None if unit_rows else torch.linalg.vector_norm(weight, dim=1)
         r = 1.0 + eps if norms is None else norms + eps
         k = gamma * (inv_c1 / r)
         z = x.mm(weight.t())  # W_i . x
@@ -168,7 +181,14 @@ class _NormPropLinearRows(torch.autograd.Function):
             s = torch.linalg.vecdot(grad, z, dim=0)  # sum_b g_bi (W_i . x_b)
             if need_gamma:
                 d_gamma = s * (ctx.inv_c1 / r)
-            if need_w:
+            if need_w and ctx.fused_decay is not None and norms is not None:
+                # ProjectedSGD's direction n * dL/dW + (decay / n) W in the same two passes
+                # (the per-row n goes on the small (N, m) factor of the product).
+                n = norms.clamp_min(torch.finfo(norms.dtype).tiny)
+                d_w = (grad * (k * n)).t().mm(x)
+                d_w.addcmul_(weight, (k * s / r - ctx.fused_decay / n).unsqueeze(1),
+                             value=-1.0)
+            elif need_w:
                 d_w = gz.t().mm(x)
                 if norms is None:
                     coef = k * s / r
@@ -177,7 +197,7 @@ class _NormPropLinearRows(torch.autograd.Function):
                 d_w.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
         if need_beta:
             d_beta = grad.sum(0) * ctx.inv_c1
-        return d_x, d_w, d_gamma, d_beta, None, None, None, None, None
+        return d_x, d_w, d_gamma, d_beta, None, None, None, None, None, None, None
 
 
 # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1): the
@@ -262,6 +282,21 @@ class NormPropLayer:
         """``gamma_i W_i / ||W_i||`` -- an O(parameters) weight-side pass, not O(activations)."""
         scale = self.weight_scale()
         return self.weight * scale.view((-1,) + (1,) * (self.weight.dim() - 1))
+
+    #: Set by :class:`~normprop.fused_sgd.ProjectedSGD`: its weight decay, and the row norms
+    #: the last training forward read (the optimiser's step needs them).
+    fused_decay: float | None = None
+    last_row_norms: Tensor | None = None
+
+    def _fused_norms(self) -> tuple[float | None, Tensor | None]:
+        """``(decay, ||W_i||)`` when ProjectedSGD drives this layer and the forward will be
+        differentiated, else ``(None, None)``: the backward then leaves ProjectedSGD's
+        direction in ``weight.grad``, and the step reads the norms from here."""
+        if self.fused_decay is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return None, None
+        norms = torch.linalg.vector_norm(self.weight.detach().flatten(1), dim=1)
+        self.last_row_norms = norms
+        return self.fused_decay, norms
 
     def _activate(self, pre: Tensor) -> Tensor:
         return pre if self.activation is None else self.activation(pre)
@@ -349,18 +384,20 @@ class NormPropLinear(nn.Linear, NormPropLayer):
         if not self._use_fast_path():
             return self._composite_forward(x)
         rows = x.numel() // max(self.in_features, 1)
+        decay, norms = self._fused_norms()
+        unit = norms is None and self.rows_known_unit()
         if x.dim() >= 1 and 0 < rows < self.in_features:
             # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
             inv_c1, c2, floor = self._fused_relu or (1.0, 0.0, None)
             out = _NormPropLinearRows.apply(x.reshape(rows, self.in_features), self.weight,
                                             self.gamma, self.beta, self.eps, inv_c1, c2, floor,
-                                            self.rows_known_unit())
+                                            unit, decay, norms)
             out = out.view(*x.shape[:-1], self.out_features)
             return out if self._fused_relu is not None else self._activate(out)
         # gamma_i (W_i . x)/||W_i|| + beta_i as one matmul with a scaled weight and fused bias.
         gamma, beta = self._scaled_affine()
-        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps,
-                                                self.rows_known_unit()), beta)
+        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps, unit, decay, norms),
+                       beta)
         return self._finish(pre)
 
     def extra_repr(self) -> str:
