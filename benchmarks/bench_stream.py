@@ -82,7 +82,8 @@ class StepRunner:
         start = time.perf_counter()
         for _ in range(steps):
             bx, by = self.batches[self.pos % len(self.batches)]
-            normprop.train_step(self.trainer.model, self.trainer.optimizer, bx, by)
+            normprop.train_step(self.trainer.model, self.trainer.optimizer, bx, by,
+                                project=False)  # the trainer's ProjectedSGD projects itself
             self.pos += 1
         sync()
         return steps * self.batch, time.perf_counter() - start

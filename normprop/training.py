@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
+from .fused_sgd import ProjectedSGD
 from .layers import NormPropConv2d, NormPropLinear
 
 __all__ = [
@@ -152,6 +153,6 @@ def train_step(model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor,
             optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, output.detach(), "nonfinite_grad")
     optimizer.step()
-    if project:
+    if project and not isinstance(optimizer, ProjectedSGD):  # that one projects in its step
         project_weights_(model)
     return StepResult(loss_value, output.detach(), None)

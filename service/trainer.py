@@ -116,9 +116,12 @@ class ModelTrainer:
         self._rate_samples = 0
 
     def _new_optimizer(self) -> None:
-        self.optimizer = normprop.paper_optimizer(self.model, lr=self.config.lr,
-                                                  momentum=self.config.momentum,
-                                                  weight_decay=self.config.weight_decay)
+        # The paper's SGD + unit-norm projection, as ProjectedSGD takes it: the same iterates
+        # with fewer passes over the weights (their rows stay un-normalised between steps;
+        # every reader -- serving's load_network, fold, the diagnostics -- normalises).
+        self.optimizer = normprop.ProjectedSGD(self.model, lr=self.config.lr,
+                                               momentum=self.config.momentum,
+                                               weight_decay=self.config.weight_decay)
         self._param_names = {p: n for n, p in self.model.named_parameters()}
         self._current_lr = None  # the next step sets its rate on the new groups
 
@@ -244,7 +247,8 @@ class ModelTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._current_lr = lr
-        result = normprop.train_step(self.model, self.optimizer, x, y, loss_fn=self.loss_fn)
+        result = normprop.train_step(self.model, self.optimizer, x, y, loss_fn=self.loss_fn,
+                                     project=False)  # ProjectedSGD projects in its step
         if result.skipped is not None:
             self.skipped_steps[result.skipped] = self.skipped_steps.get(result.skipped, 0) + 1
             return result
@@ -346,8 +350,9 @@ class ModelTrainer:
         labels = snapshot_label_map(snapshot, self.config)
         self.label_map = None if labels is None else list(labels)
         self._label_index = {label_key(v): i for i, v in enumerate(self.label_map or [])}
-        # The stored tensors themselves, not load_network's re-projected copy: rows are unit
-        # norm already, and re-projecting would change the last bits (restore must be exact).
+        # The stored tensors themselves, not load_network's re-projected copy: training goes
+        # on from exactly these (ProjectedSGD keeps rows un-normalised; re-projecting would
+        # change the last bits, and restore must be exact).
         self.model.load_state_dict(snapshot.model_state(), strict=True)
         self.model.train()
         params = dict(self.model.named_parameters())
