@@ -110,6 +110,14 @@ async def list_versions(request: Request, name: str) -> Response:
     return json_response(await anyio.to_thread.run_sync(_describe, slot))
 
 
+def _version_of(body: dict) -> int:
+    """The body's ``version``: a positive integer, else 422."""
+    version = body.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ApiError(422, "bad_request", "'version' must be a positive integer")
+    return version
+
+
 @router.post("/admin/models/{name}/pin", response_model=PinResponse,
              summary="Serve version N until unpinned (admin key)",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -121,9 +129,7 @@ async def pin_version(request: Request, name: str) -> Response:
     require_key(request, "admin")
     slot = find_slot(request, name)
     body, _ = await read_json_object(request)
-    version = body.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ApiError(422, "bad_request", "'version' must be a positive integer")
+    version = _version_of(body)
     server = api_state(request).server
     exists = await anyio.to_thread.run_sync(slot.store.path(version).exists)
     if not exists:
@@ -181,9 +187,7 @@ async def rollback(request: Request, name: str) -> Response:
     require_key(request, "admin")
     slot = find_slot(request, name)
     body, _ = await read_json_object(request)
-    version = body.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ApiError(422, "bad_request", "'version' must be a positive integer")
+    version = _version_of(body)
     retrain = body.get("retrain", False)
     if not isinstance(retrain, bool):
         raise ApiError(422, "bad_request", "'retrain' must be true or false")
