@@ -24,6 +24,12 @@ Run::
     python benchmarks/bench_layers.py --device cuda             # on a GPU (adds larger batches)
     python benchmarks/bench_layers.py --device cuda --cuda-graphs   # each step as a CUDA graph
     python benchmarks/bench_layers.py --device cuda --compile       # torch.compile'd forward
+    python benchmarks/bench_layers.py --optimizer fused   # every variant's best one-pass optimiser
+
+``--optimizer fused`` gives every variant its fastest optimiser step, so that the ratios compare
+the layers and not the optimisers: ``torch.optim.SGD(fused=True)`` (one kernel for decay,
+momentum and update) for plain, BatchNorm, LayerNorm and NormProp + projection, and
+``ProjectedSGD(compiled=True)`` for ``normprop+psgd``.
 
 On a GPU every timed call ends with ``torch.cuda.synchronize()``, so a step's time is the time
 until its kernels have finished, not until they were queued.
@@ -102,11 +108,16 @@ def forward_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 CUDA_GRAPHS = False
+OPTIMIZER = "torch"
 
 
 def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     # normprop+psgd: the same iterates as normprop (SGD, then projection) from ProjectedSGD.
-    opt = ProjectedSGD(net, lr=1e-3) if norm == "normprop+psgd" else paper_optimizer(net, lr=1e-3)
+    fused = OPTIMIZER == "fused"
+    if norm == "normprop+psgd":
+        opt = ProjectedSGD(net, lr=1e-3, compiled=fused)
+    else:
+        opt = paper_optimizer(net, lr=1e-3, fused=fused or None)
     net.train()
     forward = forward_of(net)
 
@@ -242,12 +253,16 @@ def main() -> None:
                         help="replay each variant's whole training step as a CUDA graph")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each variant's forward (training steps only)")
+    parser.add_argument("--optimizer", choices=("torch", "fused"), default="torch",
+                        help="torch: torch.optim.SGD's default step; fused: SGD(fused=True) for "
+                             "the baselines, ProjectedSGD(compiled=True) for normprop+psgd")
     parser.add_argument("--training-only", action="store_true", help="skip the inference part")
     parser.add_argument("--batches", default=None,
                         help="comma-separated batch sizes for both nets (default: per net)")
     args = parser.parse_args()
-    global STAT, CLOCK, DEVICE, CUDA_GRAPHS, COMPILE
+    global STAT, CLOCK, DEVICE, CUDA_GRAPHS, COMPILE, OPTIMIZER
     COMPILE = args.compile
+    OPTIMIZER = args.optimizer
     DEVICE = torch.device(args.device)
     gpu = DEVICE.type == "cuda"
     CUDA_GRAPHS = args.cuda_graphs
@@ -264,7 +279,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}; {parser_note}")
     print(f"training step: {args.stat} {args.clock} time per step (ratio to plain)"
           f"{', whole step replayed as a CUDA graph' if CUDA_GRAPHS else ''}"
-          f"{', forward torch.compile(dynamic=True)' if COMPILE else ''}")
+          f"{', forward torch.compile(dynamic=True)' if COMPILE else ''}"
+          + ("; optimisers: SGD(fused=True), ProjectedSGD(compiled=True)"
+             if OPTIMIZER == "fused" else ""))
     chosen = [int(b) for b in args.batches.split(",")] if args.batches else None
     print(f"{'':15s} | " + " | ".join(f"{n:>20s}" for n in NORMS))
     if args.only in (None, "mlp"):

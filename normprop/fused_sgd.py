@@ -22,17 +22,59 @@ function. Other parameters get torch's SGD (decay on matrices only, as
 get torch's SGD and the projection inside :meth:`ProjectedSGD.step`. ``weight.grad`` of a fused
 layer holds ``d``, not the gradient, while this optimiser drives it; call :meth:`detach` to
 give the layers back to the plain backward.
+
+Two more passes go: the step takes ``||V_i||`` for the next forward right after it wrote
+``V`` (still in cache; valid while ``V``'s autograd version is unchanged, see
+:class:`~normprop.layers.StepLink`), and with ``compiled=True`` the decay/tangent pass of the
+backward, the momentum and the update become one ``torch.compile``'d loop per weight
+(:func:`_fused_update`), the memory traffic of torch's ``SGD(fused=True)``.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .layers import NormPropConv2d, NormPropLinear
+from .layers import NormPropConv2d, NormPropLinear, StepLink
 
 __all__ = ["ProjectedSGD"]
+
+
+def _fused_update(weights: list[Tensor], raws: list[Tensor], bufs: list[Tensor],
+                  norms: list[Tensor], tangents: list[Tensor], params: list[Tensor],
+                  grads: list[Tensor], pbufs: list[Tensor], decays: list[float],
+                  lr: Tensor, mu: Tensor, lam: Tensor) -> None:
+    """The whole step in one pass per weight, written for ``torch.compile`` to fuse.
+
+    For each NormProp weight ``V`` (row norms ``n``, backward product ``R_i = k_i (G^T x)_i``,
+    tangent coefficient ``t_i``)::
+
+        d = n R - (t - lam / n) V           # = n dL/dV + (lam / n) V, ProjectedSGD's direction
+        b <- mu b + d ;  V <- V - lr n b ;  return ||V_i||   (the next forward's norms)
+
+    and torch SGD (momentum, decay per parameter) for the rest. Read: ``R``, ``b``, ``V``;
+    written: ``b``, ``V`` -- the memory traffic of torch's fused SGD, with the projection's
+    norm computed in the same loop. Also correct when run eagerly (the fallback).
+    """
+    for v, raw, b, n, t in zip(weights, raws, bufs, norms, tangents):
+        n = n.clamp_min(torch.finfo(n.dtype).tiny).unsqueeze(1)
+        d = raw * n - (t.unsqueeze(1) - lam / n) * v
+        b.mul_(mu).add_(d)
+        v.sub_(lr * n * b)
+    for p, g, b, decay in zip(params, grads, pbufs, decays):
+        b.mul_(mu).add_(g + decay * p if decay else g)
+        p.sub_(lr * b)
+
+
+def _remember_norms(link: StepLink, weight: Tensor) -> None:
+    """The next forward's ``||W_i||``, read now while the rows just written are in cache
+    (about half the cost of reading them in the forward, for the MLP of the benchmark)."""
+    link.next_norms = torch.linalg.vector_norm(weight, dim=1)
+    link.next_key = (weight._version, weight.data_ptr())
 
 
 class ProjectedSGD(Optimizer):
@@ -46,6 +88,13 @@ class ProjectedSGD(Optimizer):
         lr: learning rate.
         momentum: ``mu`` (0.9 in the paper).
         weight_decay: ``lam`` on weight matrices and filters (not on gamma, beta, slopes).
+        compiled: run the step as one ``torch.compile``'d function (:func:`_fused_update`):
+            per weight matrix one pass that reads the backward's product, the momentum and
+            the weight, writes the momentum and the weight, and computes the row norms the
+            next forward needs -- so that forward reads no norm, and the backward does no
+            weight-sized work besides its matmuls. The same iterates to rounding. The first
+            step compiles (seconds; cached on disk by torch); a step that cannot compile (no C++
+            compiler, say) warns once and runs the same function eagerly.
 
     Examples::
 
@@ -57,7 +106,7 @@ class ProjectedSGD(Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 5e-4) -> None:
+                 weight_decay: float = 5e-4, compiled: bool = False) -> None:
         self.fused_layers = [m for m in model.modules() if isinstance(m, NormPropLinear)]
         self.projected_layers = [m for m in model.modules() if isinstance(m, NormPropConv2d)]
         fused = {id(m.weight) for m in self.fused_layers}
@@ -70,15 +119,16 @@ class ProjectedSGD(Optimizer):
         param_groups = [{"params": ps, "kind": k} for k, ps in groups.items() if ps]
         super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         for m in self.fused_layers:
-            m.fused_decay = weight_decay
+            m.fused_link = StepLink(weight_decay, raw=compiled)
         self._owner = {id(m.weight): m for m in self.fused_layers}
+        self.compiled = compiled
+        self._update: Callable[..., None] | None = None
 
     def detach(self) -> None:
         """Give the fused layers back to the plain backward (their rows are then projected)."""
         with torch.no_grad():
             for m in self.fused_layers:
-                m.fused_decay = None
-                m.last_row_norms = None
+                m.fused_link = None
                 norms = m.weight.norm(dim=1, keepdim=True).clamp_min_(1e-12)
                 m.weight.div_(norms)
                 m.mark_unit_rows_()
@@ -88,6 +138,9 @@ class ProjectedSGD(Optimizer):
         """One step; ``closure`` is not supported (one forward/backward per step)."""
         if closure is not None:
             raise ValueError("ProjectedSGD takes no closure")
+        if self.compiled:
+            self._compiled_step()
+            return
         for group in self.param_groups:
             lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
             for p in group["params"]:
@@ -102,15 +155,82 @@ class ProjectedSGD(Optimizer):
                 else:
                     buf.mul_(mu).add_(d)
                 if kind == "fused":
-                    layer = self._owner[id(p)]
-                    norms = layer.last_row_norms
-                    if norms is None or norms.shape[0] != p.shape[0]:
-                        raise RuntimeError("ProjectedSGD.step needs a training forward of "
-                                           "the layer since the last step")
-                    p.addcmul_(buf, norms.unsqueeze(1), value=-lr)
-                    layer.last_row_norms = None
+                    link = self._link_of(p)
+                    p.addcmul_(buf, link.norms.unsqueeze(1), value=-lr)
+                    link.norms = None
+                    _remember_norms(link, p)
                 else:
                     p.add_(buf, alpha=-lr)
+        self._project_filters()
+
+    def _compiled_step(self) -> None:
+        """Gather the step's tensors and run :func:`_fused_update` (compiled on first use)."""
+        weights, raws, bufs, norms, tangents, links = [], [], [], [], [], []
+        params, grads, pbufs, decays = [], [], [], []
+        lr_mu = {(g["lr"], g["momentum"]) for g in self.param_groups}
+        if len(lr_mu) != 1:
+            raise ValueError("ProjectedSGD(compiled=True) takes one lr and momentum for all "
+                             f"parameter groups, got {sorted(lr_mu)}")
+        (lr, mu), lam = lr_mu.pop(), self.defaults["weight_decay"]
+        for group in self.param_groups:
+            kind = group["kind"]
+            if kind == "fused":
+                lam = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # mu * 0 + d = d: torch SGD's first step
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                if kind == "fused":
+                    link = self._link_of(p)
+                    weights.append(p)
+                    raws.append(p.grad)
+                    bufs.append(state["momentum_buffer"])
+                    norms.append(link.norms)
+                    tangents.append(link.tangent)
+                    links.append(link)
+                else:
+                    params.append(p)
+                    grads.append(p.grad)
+                    pbufs.append(state["momentum_buffer"])
+                    decays.append(group["weight_decay"] if kind == "decay" else 0.0)
+        if weights or params:
+            # Tensors, not Python floats: a new learning rate must not recompile the step.
+            first = (weights or params)[0]
+            scalars = torch.tensor([lr, mu, lam], dtype=first.dtype, device=first.device)
+            self._run_update(weights, raws, bufs, norms, tangents, params, grads, pbufs, decays,
+                             scalars[0], scalars[1], scalars[2])
+            for link, p in zip(links, weights):
+                link.norms = link.tangent = None
+                _remember_norms(link, p)
+        self._project_filters()
+
+    def _link_of(self, weight: Tensor) -> StepLink:
+        link = self._owner[id(weight)].fused_link
+        ready = link is not None and link.norms is not None and (
+            not link.raw or link.tangent is not None)
+        if not ready or link.norms.shape[0] != weight.shape[0]:
+            raise RuntimeError("ProjectedSGD.step needs a training forward and backward of "
+                               "the layer since the last step (and the layer attached: "
+                               "detach() was called?)")
+        return link
+
+    def _run_update(self, *args: object) -> None:
+        if self._update is None:
+            self._update = torch.compile(_fused_update, fullgraph=True, dynamic=False)
+            try:
+                self._update(*args)
+                return
+            except Exception as exc:  # noqa: BLE001 -- any compiler failure: run it eagerly
+                warnings.warn(f"ProjectedSGD(compiled=True) could not compile its step "
+                              f"({type(exc).__name__}: {exc}); running it eagerly",
+                              RuntimeWarning, stacklevel=3)
+                self._update = _fused_update
+        self._update(*args)
+
+    def _project_filters(self) -> None:
+        """NormPropConv2d filters: torch SGD's update above, then the projection."""
         if self.projected_layers:
             weights = [m.weight for m in self.projected_layers]
             flat = [w.view(w.shape[0], -1) for w in weights]

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from .activations import Activation, activation_stats
 
-__all__ = ["NormPropLinear", "NormPropConv2d", "NormPropLayer", "glorot_normal_"]
+__all__ = ["NormPropLinear", "NormPropConv2d", "NormPropLayer", "StepLink", "glorot_normal_"]
 
 
 def glorot_normal_(weight: Tensor, fan_in: int, fan_out: int) -> Tensor:
@@ -70,39 +70,44 @@ class _NormalizedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, gamma: Tensor, eps: float,  # type: ignore[override]
-                unit_rows: bool = False, fused_decay: float | None = None,
-                norms: Tensor | None = None) -> Tensor:
+                unit_rows: bool = False, link: StepLink | None = None) -> Tensor:
         flat = weight.flatten(1)
+        norms = link.norms if link is not None else None
         if norms is None:
             norms = _norms_of(flat, unit_rows)
         r = norms + eps
         k = gamma / r
         ctx.save_for_backward(weight, norms, r, k)
-        ctx.fused_decay = fused_decay
+        ctx.link = link
         return weight * k.view((-1,) + (1,) * (weight.dim() - 1))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weight, norms, r, k = ctx.saved_tensors
+        link = ctx.link
         flat_w, flat_g = weight.flatten(1), grad.flatten(1)
         dot = torch.linalg.vecdot(flat_g, flat_w)  # G_i . W_i
         d_weight = d_gamma = None
         if ctx.needs_input_grad[0]:
             n = norms.clamp_min(torch.finfo(norms.dtype).tiny)
             coef = dot / (r * n)
-            if ctx.fused_decay is None:
+            if link is None:
                 d_weight = torch.addcmul(flat_g, flat_w, coef.unsqueeze(1), value=-1.0)
                 d_weight.mul_(k.unsqueeze(1))
-            else:  # ProjectedSGD's direction: n * dL/dW + (decay / n) W (see fused_direction)
+            elif link.raw:  # ProjectedSGD(compiled=True) finishes it in its step
+                d_weight = flat_g * k.unsqueeze(1)
+                tangent = k * dot / r
+                link.tangent = tangent if link.tangent is None else link.tangent + tangent
+            else:  # ProjectedSGD's direction: n * dL/dW + (decay / n) W (see fused_sgd)
                 nk = n * k
                 d_weight = flat_g * nk.unsqueeze(1)
-                d_weight.addcmul_(flat_w, (nk * coef - ctx.fused_decay / n).unsqueeze(1),
+                d_weight.addcmul_(flat_w, (nk * coef - link.decay / n).unsqueeze(1),
                                   value=-1.0)
             d_weight = d_weight.view_as(weight)
         if ctx.needs_input_grad[1]:
             d_gamma = dot / r
-        return d_weight, d_gamma, None, None, None, None
+        return d_weight, d_gamma, None, None, None
 
 
 class _ShiftedRelu(torch.autograd.Function):
@@ -127,6 +132,30 @@ class _ShiftedRelu(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, out, ctx.floor), None
 
 
+class StepLink:
+    """What :class:`~normprop.fused_sgd.ProjectedSGD` and a :class:`NormPropLinear` pass each
+    other every step (a plain object: setting attributes on a module is slow).
+
+    Attributes:
+        decay: the optimiser's weight decay ``lam``.
+        raw: ``True`` for ``ProjectedSGD(compiled=True)``: the backward leaves the product
+            ``k_i (G^T x)_i`` in ``weight.grad`` and the tangent coefficient in ``tangent``.
+        norms: ``||W_i||`` as the last training forward read them (the step needs them).
+        tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
+    """
+
+    __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key")
+
+    def __init__(self, decay: float, raw: bool) -> None:
+        self.decay, self.raw = decay, raw
+        self.norms: Tensor | None = None
+        self.tangent: Tensor | None = None
+        # ``||W_i||`` taken by the step right after it wrote W (still in cache), for the next
+        # forward -- valid while W's storage and autograd version are those in ``next_key``.
+        self.next_norms: Tensor | None = None
+        self.next_key: tuple[int, int] | None = None
+
+
 class _NormPropLinearRows(torch.autograd.Function):
     """``o = clamp_min(inv_c1 (gamma (x W^T) / (||W|| + eps) + beta - c2), floor)``, 2-D ``x``.
 
@@ -134,21 +163,33 @@ class _NormPropLinearRows(torch.autograd.Function):
     multiplies the ``(N, m)`` product instead of the ``(m, n)`` weight, so no weight-sized tensor
     is made in the forward, and the backward's tangent term needs ``G_i . W_i``, which is the
     activation-sized ``sum_b g_bi z_bi``. ``floor = None`` skips the clamp (other activations
-    then run after it, with ``inv_c1 = 1``, ``c2 = 0``).
+    then run after it, with ``inv_c1 = 1``, ``c2 = 0``). ``consts = (eps, inv_c1, c2, floor)``
+    travel as one tuple: every argument of ``apply`` costs Python time at batch size 1.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float,  # type: ignore[override]
-                inv_c1: float, c2: float, floor: float | None, unit_rows: bool = False,
-                fused_decay: float | None = None, norms: Tensor | None = None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,  # type: ignore[override]
+                consts: tuple[float, float, float, float | None], unit_rows: bool,
+                link: StepLink | None) -> Tensor:
+        eps, inv_c1, c2, floor = consts
         # Known unit rows (n_i = 1): r is the scalar 1 + eps, no per-row tensors.
-        ctx.fused_decay = fused_decay
-        if norms is None:
+        if link is not None:
+            norms = link.norms
+        else:
             norms = None if unit_rows else torch.linalg.vector_norm(weight, dim=1)
-        r = 1.0 + eps if norms is None else norms + eps
-        k = gamma * (inv_c1 / r)
+        if norms is None:
+            r = 1.0 + eps
+            k = gamma * (inv_c1 / r)
+        else:
+            r = norms + eps
+            k = torch.div(gamma, r)
+            if inv_c1 != 1.0:
+                k.mul_(inv_c1)
         z = x.mm(weight.t())  # W_i . x
-        shift = beta if inv_c1 == 1.0 and c2 == 0.0 else (beta - c2) * inv_c1
+        if inv_c1 == 1.0 and c2 == 0.0:
+            shift = beta
+        else:
+            shift = torch.sub(beta, c2).mul_(inv_c1)
         out = torch.addcmul(shift, z, k)
         if floor is not None:
             out.clamp_min_(floor)
@@ -157,7 +198,7 @@ class _NormPropLinearRows(torch.autograd.Function):
             ctx.r = r
         else:
             ctx.save_for_backward(x, weight, z, k, out, norms, r)
-        ctx.inv_c1, ctx.floor = inv_c1, floor
+        ctx.inv_c1, ctx.floor, ctx.link = inv_c1, floor, link
         return out
 
     @staticmethod
@@ -173,31 +214,39 @@ class _NormPropLinearRows(torch.autograd.Function):
             # relu'(p) = 1(p > 0), and p > 0 exactly where the clamp did not bite.
             grad = torch.ops.aten.threshold_backward(grad, out, ctx.floor)
         need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        inv_c1, link = ctx.inv_c1, ctx.link
         d_x = d_w = d_gamma = d_beta = None
         gz = grad * k
         if need_x:
             d_x = gz.mm(weight)
         if need_w or need_gamma:
             s = torch.linalg.vecdot(grad, z, dim=0)  # sum_b g_bi (W_i . x_b)
+            s_r = s / r  # (G_i . W_i) / r_i up to the factor inv_c1
             if need_gamma:
-                d_gamma = s * (ctx.inv_c1 / r)
-            if need_w and ctx.fused_decay is not None and norms is not None:
+                d_gamma = s_r * inv_c1 if inv_c1 != 1.0 else s_r
+            if need_w and link is not None and link.raw:
+                # ProjectedSGD(compiled=True): k_i (G^T x)_i here, the rest in its fused step.
+                d_w = gz.t().mm(x)
+                tangent = k * s_r
+                link.tangent = tangent if link.tangent is None else link.tangent + tangent
+            elif need_w and link is not None:
                 # ProjectedSGD's direction n * dL/dW + (decay / n) W in the same two passes
                 # (the per-row n goes on the small (N, m) factor of the product).
                 n = norms.clamp_min(torch.finfo(norms.dtype).tiny)
                 d_w = (grad * (k * n)).t().mm(x)
-                d_w.addcmul_(weight, (k * s / r - ctx.fused_decay / n).unsqueeze(1),
-                             value=-1.0)
+                d_w.addcmul_(weight, (k * s_r - link.decay / n).unsqueeze(1), value=-1.0)
             elif need_w:
                 d_w = gz.t().mm(x)
                 if norms is None:
-                    coef = k * s / r
+                    coef = k * s_r
                 else:
-                    coef = k * s / (r * norms.clamp_min(torch.finfo(norms.dtype).tiny))
+                    coef = k * s_r / norms.clamp_min(torch.finfo(norms.dtype).tiny)
                 d_w.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
         if need_beta:
-            d_beta = grad.sum(0) * ctx.inv_c1
-        return d_x, d_w, d_gamma, d_beta, None, None, None, None, None, None, None
+            d_beta = grad.sum(0)
+            if inv_c1 != 1.0:
+                d_beta.mul_(inv_c1)
+        return d_x, d_w, d_gamma, d_beta, None, None, None
 
 
 # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1): the
@@ -283,20 +332,26 @@ class NormPropLayer:
         scale = self.weight_scale()
         return self.weight * scale.view((-1,) + (1,) * (self.weight.dim() - 1))
 
-    #: Set by :class:`~normprop.fused_sgd.ProjectedSGD`: its weight decay, and the row norms
-    #: the last training forward read (the optimiser's step needs them).
-    fused_decay: float | None = None
-    last_row_norms: Tensor | None = None
+    #: Set by :class:`~normprop.fused_sgd.ProjectedSGD` while it drives this layer.
+    fused_link: StepLink | None = None
 
-    def _fused_norms(self) -> tuple[float | None, Tensor | None]:
-        """``(decay, ||W_i||)`` when ProjectedSGD drives this layer and the forward will be
-        differentiated, else ``(None, None)``: the backward then leaves ProjectedSGD's
-        direction in ``weight.grad``, and the step reads the norms from here."""
-        if self.fused_decay is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return None, None
-        norms = torch.linalg.vector_norm(self.weight.detach().flatten(1), dim=1)
-        self.last_row_norms = norms
-        return self.fused_decay, norms
+    @property
+    def fused_decay(self) -> float | None:
+        """ProjectedSGD's weight decay while it drives this layer, else ``None``."""
+        return None if self.fused_link is None else self.fused_link.decay
+
+    def _fused_link(self) -> StepLink | None:
+        """The :class:`StepLink` when ProjectedSGD drives this layer and the forward will be
+        differentiated (its norms then set for the backward and the step), else ``None``."""
+        link = self.fused_link
+        weight = self.weight
+        if link is None or not (torch.is_grad_enabled() and weight.requires_grad):
+            return None
+        if link.next_key == (weight._version, weight.data_ptr()):
+            link.norms = link.next_norms
+        else:
+            link.norms = torch.linalg.vector_norm(weight.detach().flatten(1), dim=1)
+        return link
 
     def _activate(self, pre: Tensor) -> Tensor:
         return pre if self.activation is None else self.activation(pre)
@@ -384,20 +439,21 @@ class NormPropLinear(nn.Linear, NormPropLayer):
         if not self._use_fast_path():
             return self._composite_forward(x)
         rows = x.numel() // max(self.in_features, 1)
-        decay, norms = self._fused_norms()
-        unit = norms is None and self.rows_known_unit()
+        link = self._fused_link()
+        unit = link is None and self.rows_known_unit()
         if x.dim() >= 1 and 0 < rows < self.in_features:
             # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
-            inv_c1, c2, floor = self._fused_relu or (1.0, 0.0, None)
-            out = _NormPropLinearRows.apply(x.reshape(rows, self.in_features), self.weight,
-                                            self.gamma, self.beta, self.eps, inv_c1, c2, floor,
-                                            unit, decay, norms)
-            out = out.view(*x.shape[:-1], self.out_features)
-            return out if self._fused_relu is not None else self._activate(out)
+            relu = self._fused_relu
+            consts = (self.eps, *relu[:2], relu[2]) if relu else (self.eps, 1.0, 0.0, None)
+            out = _NormPropLinearRows.apply(x if x.dim() == 2 else x.reshape(rows, -1),
+                                            self.weight, self.gamma, self.beta, consts, unit,
+                                            link)
+            if x.dim() != 2:
+                out = out.view(*x.shape[:-1], self.out_features)
+            return out if relu is not None else self._activate(out)
         # gamma_i (W_i . x)/||W_i|| + beta_i as one matmul with a scaled weight and fused bias.
         gamma, beta = self._scaled_affine()
-        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps, unit, decay, norms),
-                       beta)
+        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps, unit, link), beta)
         return self._finish(pre)
 
     def extra_repr(self) -> str:

@@ -63,12 +63,14 @@ def project_weights_(model: nn.Module, eps: float = 1e-12) -> nn.Module:
 
 
 def paper_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 5e-4, nesterov: bool = False) -> SGD:
+                    weight_decay: float = 5e-4, nesterov: bool = False,
+                    fused: bool | None = None) -> SGD:
     """SGD with momentum 0.9 and weight decay 5e-4..5e-3 (section 4.4).
 
     Weight decay applies to weight matrices only: ``gamma``, ``beta``, PReLU slopes and plain
     biases are scale/shift parameters that decay would pull towards zero for no benefit (the
-    projection already fixes the weights' scale).
+    projection already fixes the weights' scale). ``fused`` is torch SGD's: one kernel per
+    step for decay, momentum and update (same iterates).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -77,7 +79,8 @@ def paper_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov)
+    return SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
+               fused=fused)
 
 
 def halve_lr_on_plateau(optimizer: Optimizer, patience: int = 3,

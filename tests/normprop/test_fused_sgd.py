@@ -7,6 +7,7 @@ output-side path (rows < in_features) and the weight-side path of the layer."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -99,4 +100,130 @@ def test_step_without_a_forward_is_an_error() -> None:
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
     with pytest.raises(RuntimeError, match="training forward"):
+        opt.step()
+
+
+# -- the step's remembered norms ---------------------------------------------------------------
+
+
+def test_the_next_forward_uses_the_norms_the_step_took_and_only_while_valid() -> None:
+    torch.manual_seed(0)
+    net = build_model("mlp:12,12", 6, 3).double()
+    opt = ProjectedSGD(net, lr=0.3)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    train_step(net, opt, x, y, project=False)
+    layer = opt.fused_layers[0]
+    link = layer.fused_link
+    assert link.next_norms is not None
+    assert torch.equal(link.next_norms, layer.weight.detach().norm(dim=1))
+    layer(x)  # a training forward: takes the step's norms, reads no weight
+    assert link.norms is link.next_norms
+    # Any tracked change to the weight voids them: the forward reads the norms again, and
+    # the layer computes eq. 9 for the weight as it is now.
+    with torch.no_grad():
+        layer.weight[0].mul_(3.0)
+    out = layer(x)
+    assert link.norms is not link.next_norms
+    assert torch.allclose(link.norms, layer.weight.detach().norm(dim=1), rtol=0, atol=1e-15)
+    layer.fast_path = False
+    assert torch.allclose(out, layer(x), atol=1e-12)
+
+
+# -- compiled=True: the whole step as one torch.compile'd function -----------------------------
+
+
+@pytest.mark.parametrize("spec,shape", [
+    ("mlp:24,24,24", 20),
+    ("C(6,3,1,1)-P(2,2,0,max)-C(8,3,1,1)-P(4,4,0,avg)", (2, 8, 8)),
+])
+def test_compiled_step_same_iterates_as_sgd_plus_projection(spec, shape) -> None:
+    """Both layer paths (batch < and >= in_features), the conv filters' projection, gamma,
+    beta, the output layer, and a learning rate halved mid-run without a recompile."""
+    import torch._dynamo.utils
+
+    torch.manual_seed(0)
+    ref = build_model(spec, shape, 5, data_norm="running").double()
+    project_weights_(ref)
+    fused = copy.deepcopy(ref)
+    ref_opt = paper_optimizer(ref, lr=0.05, weight_decay=5e-3)
+    opt = ProjectedSGD(fused, lr=0.05, weight_decay=5e-3, compiled=True)
+    full = (shape,) if isinstance(shape, int) else shape
+    g = torch.Generator().manual_seed(1)
+    graphs = None
+    for step, batch in enumerate([1, 8, 30, 1, 64, 8, 2, 30, 16, 1] * 2):
+        if step == 10:  # the paper halves the learning rate on a schedule
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            for o in (ref_opt, opt):
+                for group in o.param_groups:
+                    group["lr"] /= 2
+        x = torch.randn(batch, *full, dtype=torch.float64, generator=g) * 2 + 0.5
+        y = torch.randint(0, 5, (batch,), generator=g)
+        a = train_step(ref, ref_opt, x, y)
+        b = train_step(fused, opt, x, y, project=False)
+        assert abs(a.loss - b.loss) < 1e-9 * max(1.0, abs(a.loss)), step
+        assert torch.allclose(a.output, b.output, atol=1e-9), step
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
+    for name, d in _directions(ref).items():
+        assert torch.allclose(_directions(fused)[name], d, atol=1e-9), name
+    fused_state = dict(fused.named_parameters())
+    for name, p in ref.named_parameters():
+        if not name.endswith("weight") or p.dim() == 1:
+            assert torch.allclose(fused_state[name], p, atol=1e-9), name
+    # weight.grad held the backward's product, not the gradient; detach() hands back the
+    # plain backward, whose gradients match autograd through eq. 9 again.
+    opt.detach()
+    x = torch.randn(7, *full, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (7,), generator=g)
+    ref.zero_grad()
+    fused.zero_grad()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    torch.nn.functional.cross_entropy(fused(x), y).backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9), name
+
+
+def test_compiled_step_falls_back_to_eager_with_a_warning(monkeypatch) -> None:
+    """No C++ compiler (say): the step warns once and runs the same function eagerly."""
+    import normprop.fused_sgd as fused_sgd
+
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no working C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(fused_sgd.torch, "compile", no_compiler)
+    torch.manual_seed(0)
+    ref = build_model("mlp:10", 6, 3).double()
+    project_weights_(ref)
+    net = copy.deepcopy(ref)
+    ref_opt = paper_optimizer(ref, lr=0.1)
+    opt = ProjectedSGD(net, lr=0.1, compiled=True)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.warns(RuntimeWarning, match="could not compile.*no working C\\+\\+ compiler"):
+        train_step(net, opt, x, y, project=False)
+    train_step(ref, ref_opt, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        for _ in range(3):
+            a, b = train_step(ref, ref_opt, x, y), train_step(net, opt, x, y, project=False)
+            assert abs(a.loss - b.loss) < 1e-12
+
+
+def test_compiled_step_refuses_per_group_learning_rates() -> None:
+    net = build_model("mlp:8", 4, 2)
+    opt = ProjectedSGD(net, lr=0.1, compiled=True)
+    opt.param_groups[0]["lr"] = 0.05
+    net(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ValueError, match="one lr and momentum"):
+        opt.step()
+
+
+def test_compiled_step_without_a_backward_is_an_error() -> None:
+    net = build_model("mlp:8", 4, 2)
+    opt = ProjectedSGD(net, lr=0.1, compiled=True)
+    with torch.no_grad():
+        net(torch.randn(2, 4))
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="training forward and backward"):
         opt.step()
