@@ -94,7 +94,10 @@ class ProjectedSGD(Optimizer):
             next forward needs -- so that forward reads no norm, and the backward does no
             weight-sized work besides its matmuls. The same iterates to rounding. The first
             step compiles (seconds; cached on disk by torch); a step that cannot compile (no C++
-            compiler, say) warns once and runs the same function eagerly.
+            compiler, say) warns once, finishes that step eagerly, and goes on as
+            ``compiled=False``.
+        foreach: use torch's multi-tensor ops for the step (fewer kernel launches); ``None``
+            (default) picks them when the parameters are not on the CPU, as torch's SGD does.
 
     Examples::
 
@@ -106,7 +109,8 @@ class ProjectedSGD(Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, compiled: bool = False) -> None:
+                 weight_decay: float = 5e-4, compiled: bool = False,
+                 foreach: bool | None = None) -> None:
         self.fused_layers = [m for m in model.modules() if isinstance(m, NormPropLinear)]
         self.projected_layers = [m for m in model.modules() if isinstance(m, NormPropConv2d)]
         fused = {id(m.weight) for m in self.fused_layers}
@@ -121,8 +125,9 @@ class ProjectedSGD(Optimizer):
         for m in self.fused_layers:
             m.fused_link = StepLink(weight_decay, raw=compiled)
         self._owner = {id(m.weight): m for m in self.fused_layers}
-        self.compiled = compiled
+        self.compiled, self.foreach = compiled, foreach
         self._update: Callable[..., None] | None = None
+        self._scalars: tuple[tuple, Tensor] | None = None
 
     def detach(self) -> None:
         """Give the fused layers back to the plain backward (their rows are then projected)."""
@@ -140,6 +145,12 @@ class ProjectedSGD(Optimizer):
             raise ValueError("ProjectedSGD takes no closure")
         if self.compiled:
             self._compiled_step()
+            return
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        foreach = self.foreach if self.foreach is not None else (
+            first is not None and first.device.type != "cpu")
+        if foreach:
+            self._foreach_step()
             return
         for group in self.param_groups:
             lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
@@ -161,6 +172,39 @@ class ProjectedSGD(Optimizer):
                     _remember_norms(link, p)
                 else:
                     p.add_(buf, alpha=-lr)
+        self._project_filters()
+
+    def _foreach_step(self) -> None:
+        """The same step with torch's multi-tensor ops: a few kernel launches per parameter
+        group instead of a few per tensor (what torch's SGD does on a GPU by default)."""
+        for group in self.param_groups:
+            lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if kind == "decay" and lam != 0:
+                grads = torch._foreach_add(grads, params, alpha=lam)
+            if mu == 0:
+                bufs = grads
+            else:
+                bufs = []
+                for p in params:  # mu * 0 + d = d: torch SGD's first step
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(state["momentum_buffer"])
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+            if kind == "fused":
+                links = [self._link_of(p) for p in params]
+                torch._foreach_addcmul_(params, bufs, [link.norms.unsqueeze(1) for link in links],
+                                        value=-lr)
+                for link, p in zip(links, params):
+                    link.norms = None
+                    _remember_norms(link, p)
+            else:
+                torch._foreach_add_(params, bufs, alpha=-lr)
         self._project_filters()
 
     def _compiled_step(self) -> None:
@@ -197,8 +241,14 @@ class ProjectedSGD(Optimizer):
                     decays.append(group["weight_decay"] if kind == "decay" else 0.0)
         if weights or params:
             # Tensors, not Python floats: a new learning rate must not recompile the step.
+            # Made again only when a value changes (no host-to-device copy per step, so the
+            # step can be captured in a CUDA graph).
             first = (weights or params)[0]
-            scalars = torch.tensor([lr, mu, lam], dtype=first.dtype, device=first.device)
+            key = (lr, mu, lam, first.dtype, first.device)
+            if self._scalars is None or self._scalars[0] != key:
+                self._scalars = (key, torch.tensor([lr, mu, lam], dtype=first.dtype,
+                                                   device=first.device))
+            scalars = self._scalars[1]
             self._run_update(weights, raws, bufs, norms, tangents, params, grads, pbufs, decays,
                              scalars[0], scalars[1], scalars[2])
             for link, p in zip(links, weights):
@@ -224,9 +274,16 @@ class ProjectedSGD(Optimizer):
                 return
             except Exception as exc:  # noqa: BLE001 -- any compiler failure: run it eagerly
                 warnings.warn(f"ProjectedSGD(compiled=True) could not compile its step "
-                              f"({type(exc).__name__}: {exc}); running it eagerly",
+                              f"({type(exc).__name__}: {exc}); this step runs the same "
+                              f"function eagerly, the next ones as ProjectedSGD(compiled=False)",
                               RuntimeWarning, stacklevel=3)
                 self._update = _fused_update
+                # The backward already left this step's product; later ones leave the
+                # direction itself (the same iterates, see the module docstring).
+                self.compiled = False
+                for m in self.fused_layers:
+                    if m.fused_link is not None:
+                        m.fused_link.raw = False
         self._update(*args)
 
     def _project_filters(self) -> None:

@@ -81,6 +81,33 @@ def test_training_on_gpu_follows_the_cpu(batch: int) -> None:
             assert torch.allclose(norms, torch.ones_like(norms), atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_projected_sgd_on_gpu_follows_sgd_plus_projection_on_cpu(compiled: bool) -> None:
+    """ProjectedSGD on the GPU -- eager, and compiled=True (Triton kernels) -- takes the steps
+    of torch SGD + project_weights_ on the CPU: the same losses and row directions."""
+    from normprop import ProjectedSGD
+
+    torch.manual_seed(0)
+    ref = build_model("mlp:64,64", 20, 5, data_norm="running").double()
+    project_weights_(ref)
+    gpu = build_model("mlp:64,64", 20, 5, data_norm="running").double()
+    gpu.load_state_dict(ref.state_dict())
+    gpu = gpu.to(GPU)
+    ref_opt = paper_optimizer(ref, lr=0.02)
+    opt = ProjectedSGD(gpu, lr=0.02, compiled=compiled)
+    g = torch.Generator().manual_seed(5)
+    for batch in [1, 16, 64, 3] * 8:
+        x = torch.randn(batch, 20, dtype=torch.float64, generator=g) * 3 + 1
+        y = torch.randint(0, 5, (batch,), generator=g)
+        a = train_step(ref, ref_opt, x, y).loss
+        b = train_step(gpu, opt, x.to(GPU), y.to(GPU), project=False).loss
+        assert abs(a - b) < 1e-9, (batch, a, b)
+    for r, m in zip(ref.modules(), gpu.modules()):
+        if isinstance(r, NormPropLinear):
+            w = m.weight.detach().cpu()
+            assert torch.allclose(w / w.norm(dim=1, keepdim=True), r.weight, atol=1e-9)
+
+
 @pytest.fixture
 def no_tf32():
     """cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later, which moves

@@ -183,7 +183,8 @@ def test_compiled_step_same_iterates_as_sgd_plus_projection(spec, shape) -> None
 
 
 def test_compiled_step_falls_back_to_eager_with_a_warning(monkeypatch) -> None:
-    """No C++ compiler (say): the step warns once and runs the same function eagerly."""
+    """No C++ compiler (say): the step warns once, finishes that step eagerly and goes on as
+    the eager ProjectedSGD -- the same iterates throughout."""
     import normprop.fused_sgd as fused_sgd
 
     def no_compiler(fn, **kwargs):
@@ -202,6 +203,7 @@ def test_compiled_step_falls_back_to_eager_with_a_warning(monkeypatch) -> None:
     with pytest.warns(RuntimeWarning, match="could not compile.*no working C\\+\\+ compiler"):
         train_step(net, opt, x, y, project=False)
     train_step(ref, ref_opt, x, y)
+    assert not opt.compiled and not any(m.fused_link.raw for m in opt.fused_layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         for _ in range(3):
@@ -227,3 +229,20 @@ def test_compiled_step_without_a_backward_is_an_error() -> None:
         p.grad = torch.zeros_like(p)
     with pytest.raises(RuntimeError, match="training forward and backward"):
         opt.step()
+
+
+def test_foreach_step_same_iterates_as_the_per_tensor_step() -> None:
+    """``foreach=True`` (the default off the CPU) takes the same steps as the per-tensor loop."""
+    torch.manual_seed(0)
+    a = build_model("C(4,3,1,1)-P(2,2,0,max)-C(6,3,1,1)-P(4,4,0,avg)", (2, 8, 8), 4).double()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = ProjectedSGD(a, lr=0.05, foreach=False), ProjectedSGD(b, lr=0.05, foreach=True)
+    g = torch.Generator().manual_seed(2)
+    for batch in [1, 8, 3, 8, 1, 5]:
+        x = torch.randn(batch, 2, 8, 8, dtype=torch.float64, generator=g)
+        y = torch.randint(0, 4, (batch,), generator=g)
+        la = train_step(a, opt_a, x, y, project=False).loss
+        lb = train_step(b, opt_b, x, y, project=False).loss
+        assert abs(la - lb) < 1e-12
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
