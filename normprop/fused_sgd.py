@@ -174,6 +174,14 @@ class ProjectedSGD(Optimizer):
                     p.add_(buf, alpha=-lr)
         self._project_filters()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's, and the tangent coefficients ``compiled=True`` backwards left (they are part
+        of the gradient: a step skipped after its backward must not pass them on)."""
+        super().zero_grad(set_to_none=set_to_none)
+        for m in self.fused_layers:
+            if m.fused_link is not None:
+                m.fused_link.tangent = None
+
     def _foreach_step(self) -> None:
         """The same step with torch's multi-tensor ops: a few kernel launches per parameter
         group instead of a few per tensor (what torch's SGD does on a GPU by default)."""

@@ -246,3 +246,22 @@ def test_foreach_step_same_iterates_as_the_per_tensor_step() -> None:
         assert abs(la - lb) < 1e-12
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-12)
+
+
+def test_zero_grad_drops_a_compiled_backwards_tangent() -> None:
+    """train_step skips a step whose gradient is not finite by zeroing the gradients; the
+    tangent coefficients of that backward go with them, so the next step is not poisoned."""
+    torch.manual_seed(0)
+    ref = build_model("mlp:10", 6, 3).double()
+    project_weights_(ref)
+    net = copy.deepcopy(ref)
+    ref_opt = paper_optimizer(ref, lr=0.1)
+    opt = ProjectedSGD(net, lr=0.1, compiled=True)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    torch.nn.functional.cross_entropy(net(x * 1e3), y).backward()  # a step not taken
+    assert all(m.fused_link.tangent is not None for m in opt.fused_layers)
+    opt.zero_grad()
+    assert all(m.fused_link.tangent is None for m in opt.fused_layers)
+    for _ in range(3):
+        a, b = train_step(ref, ref_opt, x, y), train_step(net, opt, x, y, project=False)
+        assert abs(a.loss - b.loss) < 1e-12
