@@ -149,30 +149,31 @@ class ProjectedSGD(Optimizer):
         first = next((p for g in self.param_groups for p in g["params"]), None)
         foreach = self.foreach if self.foreach is not None else (
             first is not None and first.device.type != "cpu")
-        if foreach:
-            self._foreach_step()
-            return
         for group in self.param_groups:
-            lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                # The fused backward already added the decay (in unit space).
-                d = p.grad if kind != "decay" or lam == 0 else p.grad.add(p, alpha=lam)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None or mu == 0:
-                    buf = state["momentum_buffer"] = torch.clone(d).detach()
-                else:
-                    buf.mul_(mu).add_(d)
-                if kind == "fused":
-                    link = self._link_of(p)
-                    p.addcmul_(buf, link.norms.unsqueeze(1), value=-lr)
-                    link.norms = None
-                    _remember_norms(link, p)
-                else:
-                    p.add_(buf, alpha=-lr)
+            # Per tensor for NormProp weights on the CPU: each one's norms are taken right
+            # after its update, while it is in cache. Multi-tensor ops for everything else.
+            if foreach or group["kind"] != "fused":
+                self._foreach_group(group)
+            else:
+                self._loop_group(group)
         self._project_filters()
+
+    def _loop_group(self, group: dict) -> None:
+        lr, mu = group["lr"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad  # the fused backward already added the decay (in unit space)
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None or mu == 0:
+                buf = state["momentum_buffer"] = torch.clone(d).detach()
+            else:
+                torch.add(d, buf, alpha=mu, out=buf)  # one pass: d + mu b
+            link = self._link_of(p)
+            p.addcmul_(buf, link.norms.unsqueeze(1), value=-lr)
+            link.norms = None
+            _remember_norms(link, p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's, and the tangent coefficients ``compiled=True`` backwards left (they are part
@@ -182,38 +183,36 @@ class ProjectedSGD(Optimizer):
             if m.fused_link is not None:
                 m.fused_link.tangent = None
 
-    def _foreach_step(self) -> None:
-        """The same step with torch's multi-tensor ops: a few kernel launches per parameter
-        group instead of a few per tensor (what torch's SGD does on a GPU by default)."""
-        for group in self.param_groups:
-            lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if kind == "decay" and lam != 0:
-                grads = torch._foreach_add(grads, params, alpha=lam)
-            if mu == 0:
-                bufs = grads
-            else:
-                bufs = []
-                for p in params:  # mu * 0 + d = d: torch SGD's first step
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    bufs.append(state["momentum_buffer"])
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, grads)
-            if kind == "fused":
-                links = [self._link_of(p) for p in params]
-                torch._foreach_addcmul_(params, bufs, [link.norms.unsqueeze(1) for link in links],
-                                        value=-lr)
-                for link, p in zip(links, params):
-                    link.norms = None
-                    _remember_norms(link, p)
-            else:
-                torch._foreach_add_(params, bufs, alpha=-lr)
-        self._project_filters()
+    def _foreach_group(self, group: dict) -> None:
+        """One group's step with torch's multi-tensor ops: a few calls per group instead of a
+        few per tensor (what torch's SGD does on a GPU by default)."""
+        lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if kind == "decay" and lam != 0:
+            grads = torch._foreach_add(grads, params, alpha=lam)
+        if mu == 0:
+            bufs = grads
+        else:
+            bufs = []
+            for p in params:  # mu * 0 + d = d: torch SGD's first step
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+        if kind == "fused":
+            links = [self._link_of(p) for p in params]
+            torch._foreach_addcmul_(params, bufs, [link.norms.unsqueeze(1) for link in links],
+                                    value=-lr)
+            for link, p in zip(links, params):
+                link.norms = None
+                _remember_norms(link, p)
+        else:
+            torch._foreach_add_(params, bufs, alpha=-lr)
 
     def _compiled_step(self) -> None:
         """Gather the step's tensors and run :func:`_fused_update` (compiled on first use)."""
