@@ -25,6 +25,7 @@ Run::
     python benchmarks/bench_layers.py --device cuda --cuda-graphs   # each step as a CUDA graph
     python benchmarks/bench_layers.py --device cuda --compile       # torch.compile'd forward
     python benchmarks/bench_layers.py --optimizer fused   # every variant's best one-pass optimiser
+    python benchmarks/bench_layers.py --phases            # + forward / backward / step times
 
 ``--optimizer fused`` gives every variant its fastest optimiser step, so that the ratios compare
 the layers and not the optimisers: ``torch.optim.SGD(fused=True)`` (one kernel for decay,
@@ -109,6 +110,9 @@ def forward_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 CUDA_GRAPHS = False
 OPTIMIZER = "torch"
+#: ``--phases``: per variant, the (forward + loss, backward, optimiser step + projection)
+#: seconds of every timed step, to show where a ratio comes from.
+PHASES: dict[str, list[tuple[float, float, float]]] | None = None
 
 
 def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -129,7 +133,25 @@ def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Call
         if norm == "normprop":
             project_weights_(net)
 
-    return captured(step) if CUDA_GRAPHS else step
+    def phased_step() -> None:
+        t0 = CLOCK()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(forward(x), y)
+        sync()
+        t1 = CLOCK()
+        loss.backward()
+        sync()
+        t2 = CLOCK()
+        opt.step()
+        if norm == "normprop":
+            project_weights_(net)
+        sync()
+        assert PHASES is not None
+        PHASES.setdefault(norm, []).append((t1 - t0, t2 - t1, CLOCK() - t2))
+
+    if CUDA_GRAPHS:
+        return captured(step)
+    return phased_step if PHASES is not None else step
 
 
 def captured(step: Callable[[], None]) -> Callable[[], None]:
@@ -201,6 +223,8 @@ def bench_training(name: str, spec: str, shape: int | tuple[int, ...], batches: 
                 errors[norm] = f"{type(exc).__name__}: {exc}"
                 continue
             fns[norm] = fn
+        if PHASES is not None:
+            PHASES.clear()
         med = round_robin(fns, repeats[b], budget_s=budget_s)
         plain = med["none"]
         cells = []
@@ -213,6 +237,14 @@ def bench_training(name: str, spec: str, shape: int | tuple[int, ...], batches: 
         print(f"{name:4s} batch {b:4d} | " + " | ".join(cells), flush=True)
         for norm, err in errors.items():
             print(f"    {norm} at batch {b}: {err}", flush=True)
+        if PHASES:
+            parts = []
+            for norm in NORMS:
+                if norm in PHASES:
+                    fwd, bwd, opt = (STAT([t[i] for t in PHASES[norm]]) * 1e3 for i in range(3))
+                    parts.append(f"{norm} {fwd:.2f} / {bwd:.2f} / {opt:.2f}")
+            print("    phases, ms (forward+loss / backward / step): " + "; ".join(parts),
+                  flush=True)
     return rows
 
 
@@ -256,6 +288,8 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("torch", "fused"), default="torch",
                         help="torch: torch.optim.SGD's default step; fused: SGD(fused=True) for "
                              "the baselines, ProjectedSGD(compiled=True) for normprop+psgd")
+    parser.add_argument("--phases", action="store_true",
+                        help="also print each variant's forward / backward / step times")
     parser.add_argument("--training-only", action="store_true", help="skip the inference part")
     parser.add_argument("--batches", default=None,
                         help="comma-separated batch sizes for both nets (default: per net)")
@@ -263,6 +297,9 @@ def main() -> None:
     global STAT, CLOCK, DEVICE, CUDA_GRAPHS, COMPILE, OPTIMIZER
     COMPILE = args.compile
     OPTIMIZER = args.optimizer
+    if args.phases:
+        global PHASES
+        PHASES = {}
     DEVICE = torch.device(args.device)
     gpu = DEVICE.type == "cuda"
     CUDA_GRAPHS = args.cuda_graphs
