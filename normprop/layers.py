@@ -190,26 +190,35 @@ class _NormPropLinearRows(torch.autograd.Function):
             shift = beta
         else:
             shift = torch.sub(beta, c2).mul_(inv_c1)
-        out = torch.addcmul(shift, z, k)
+        # The backward needs u_i = k_i sum_b g_bi z_bi. Where out = k z + shift (g = 0 where the
+        # clamp bit), u = sum_b g_bi (out_bi - shift_i): read from ``out``, which the ReLU
+        # backward has just read, instead of keeping z -- one activation fewer in memory and a
+        # cold read fewer. d gamma = u / gamma then needs gamma != 0, and the test is a host
+        # sync, so this is the CPU path; a GPU, or a zero gamma, keeps z.
+        via_out = x.device.type == "cpu" and bool(gamma.all())
+        out = torch.addcmul(shift, z, k, out=z) if via_out else torch.addcmul(shift, z, k)
         if floor is not None:
             out.clamp_min_(floor)
+        kept = (shift, gamma) if via_out else (z,)
         if norms is None:
-            ctx.save_for_backward(x, weight, z, k, out)
+            ctx.save_for_backward(x, weight, k, out, *kept)
             ctx.r = r
         else:
-            ctx.save_for_backward(x, weight, z, k, out, norms, r)
-        ctx.inv_c1, ctx.floor, ctx.link = inv_c1, floor, link
+            ctx.save_for_backward(x, weight, k, out, *kept, norms, r)
+        ctx.inv_c1, ctx.floor, ctx.link, ctx.via_out = inv_c1, floor, link, via_out
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
-        x, weight, z, k, out = saved[:5]
-        if len(saved) == 5:  # unit rows: n_i = 1, r_i = 1 + eps
+        via_out = ctx.via_out
+        x, weight, k, out = saved[:4]
+        rest = saved[6:] if via_out else saved[5:]
+        if rest:
+            norms, r = rest
+        else:  # unit rows: n_i = 1, r_i = 1 + eps
             r, norms = ctx.r, None
-        else:
-            norms, r = saved[5:]
         if ctx.floor is not None:
             # relu'(p) = 1(p > 0), and p > 0 exactly where the clamp did not bite.
             grad = torch.ops.aten.threshold_backward(grad, out, ctx.floor)
@@ -219,33 +228,38 @@ class _NormPropLinearRows(torch.autograd.Function):
         gz = grad * k
         if need_x:
             d_x = gz.mm(weight)
+        g_sum = grad.sum(0) if need_beta or (via_out and (need_w or need_gamma)) else None
         if need_w or need_gamma:
-            s = torch.linalg.vecdot(grad, z, dim=0)  # sum_b g_bi (W_i . x_b)
-            s_r = s / r  # (G_i . W_i) / r_i up to the factor inv_c1
-            if need_gamma:
-                d_gamma = s_r * inv_c1 if inv_c1 != 1.0 else s_r
+            # u_i = k_i (G_i . W_i) with G_i . W_i = sum_b g_bi (W_i . x_b)
+            if via_out:
+                shift, gamma = saved[4:6]
+                u = torch.linalg.vecdot(grad, out, dim=0).addcmul_(shift, g_sum, value=-1.0)
+                if need_gamma:
+                    d_gamma = u / gamma  # = (G_i . W_i) inv_c1 / r_i
+            else:
+                s = torch.linalg.vecdot(grad, saved[4], dim=0)
+                if need_gamma:
+                    d_gamma = s * (inv_c1 / r)
+                u = s.mul_(k)
+            u_r = u / r  # k_i (G_i . W_i) / r_i: the tangent coefficient
             if need_w and link is not None and link.raw:
                 # ProjectedSGD(compiled=True): k_i (G^T x)_i here, the rest in its fused step.
                 d_w = gz.t().mm(x)
-                tangent = k * s_r
-                link.tangent = tangent if link.tangent is None else link.tangent + tangent
+                link.tangent = u_r if link.tangent is None else link.tangent + u_r
             elif need_w and link is not None:
                 # ProjectedSGD's direction n * dL/dW + (decay / n) W in the same two passes
                 # (the per-row n goes on the small (N, m) factor of the product).
                 n = norms.clamp_min(torch.finfo(norms.dtype).tiny)
                 d_w = (grad * (k * n)).t().mm(x)
-                d_w.addcmul_(weight, (k * s_r - link.decay / n).unsqueeze(1), value=-1.0)
+                d_w.addcmul_(weight, u_r.sub_(n.reciprocal().mul_(link.decay)).unsqueeze(1),
+                             value=-1.0)
             elif need_w:
                 d_w = gz.t().mm(x)
-                if norms is None:
-                    coef = k * s_r
-                else:
-                    coef = k * s_r / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+                coef = u_r if norms is None else u_r.div_(
+                    norms.clamp_min(torch.finfo(norms.dtype).tiny))
                 d_w.addcmul_(weight, coef.unsqueeze(1), value=-1.0)
         if need_beta:
-            d_beta = grad.sum(0)
-            if inv_c1 != 1.0:
-                d_beta.mul_(inv_c1)
+            d_beta = g_sum.mul_(inv_c1) if inv_c1 != 1.0 else g_sum
         return d_x, d_w, d_gamma, d_beta, None, None, None
 
 

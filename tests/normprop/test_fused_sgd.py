@@ -265,3 +265,25 @@ def test_zero_grad_drops_a_compiled_backwards_tangent() -> None:
     for _ in range(3):
         a, b = train_step(ref, ref_opt, x, y), train_step(net, opt, x, y, project=False)
         assert abs(a.loss - b.loss) < 1e-12
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_zero_gamma_takes_the_kept_product_path_with_the_same_iterates(compiled) -> None:
+    """gamma_i = 0 makes the backward keep W . x (the path a GPU always takes); ProjectedSGD's
+    directions are unchanged by it."""
+    torch.manual_seed(0)
+    ref = build_model("mlp:12,12", 6, 3).double()
+    with torch.no_grad():
+        ref.layers[0].gamma[2] = 0.0
+        ref.layers[1].gamma[5] = 0.0
+    project_weights_(ref)
+    net = copy.deepcopy(ref)
+    ref_opt = paper_optimizer(ref, lr=0.1)
+    opt = ProjectedSGD(net, lr=0.1, compiled=compiled)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    assert net.layers[0](net.data_norm(x)).grad_fn.via_out is False
+    for _ in range(3):
+        a, b = train_step(ref, ref_opt, x, y), train_step(net, opt, x, y, project=False)
+        assert abs(a.loss - b.loss) < 1e-12
+    for name, d in _directions(ref).items():
+        assert torch.allclose(_directions(net)[name], d, atol=1e-12), name

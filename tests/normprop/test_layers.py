@@ -99,6 +99,22 @@ def test_linear_fast_path_matches_autograd_float64(activation, params, shape, un
     assert_matches_reference(layer, torch.randn(*shape, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("activation", ["relu", None, "tanh"])
+@pytest.mark.parametrize("unit_rows", [True, False])
+def test_linear_fast_path_with_a_zero_gamma(activation, unit_rows):
+    """A unit switched off (gamma_i = 0): the output no longer tells W_i . x, so the backward
+    keeps the product itself for gamma's gradient (and a GPU always does); the same numbers as
+    autograd either way."""
+    torch.manual_seed(0)
+    layer = NormPropLinear(17, 11, activation=activation).double()
+    scramble_(layer, seed=2)
+    with torch.no_grad():
+        layer.gamma[3] = 0.0
+    if unit_rows:
+        project_weights_(layer)
+    assert_matches_reference(layer, torch.randn(4, 17, dtype=torch.float64))
+
+
 CONV_CASES = [
     dict(kernel_size=3),
     dict(kernel_size=3, stride=2, padding=1),
