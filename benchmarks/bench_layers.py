@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import platform
+import random
 import statistics
 import sys
 import time
@@ -185,14 +186,20 @@ CLOCK: Callable[[], float] = time.perf_counter
 
 def round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
                 budget_s: float | None = None) -> dict[str, float]:
-    """Median (or ``--stat min``) seconds per call of each function, calls interleaved."""
+    """Median (or ``--stat min``) seconds per call of each function, calls interleaved, in a
+    new (seeded) order every round: a variant that always ran after the same neighbour would
+    inherit its cache and allocator state."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     start = time.perf_counter()
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for k, fn in fns.items():
+        shuffle(order)
+        for k in order:
+            fn = fns[k]
             sync()
             t0 = CLOCK()
             fn()
