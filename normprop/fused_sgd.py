@@ -33,6 +33,7 @@ backward, the momentum and the update become one ``torch.compile``'d loop per we
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -123,7 +124,7 @@ class ProjectedSGD(Optimizer):
         param_groups = [{"params": ps, "kind": k} for k, ps in groups.items() if ps]
         super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         for m in self.fused_layers:
-            m.fused_link = StepLink(weight_decay, raw=compiled)
+            m.fused_link = StepLink(weight_decay, raw=compiled, owner=weakref.ref(self))
         self._owner = {id(m.weight): m for m in self.fused_layers}
         self.compiled, self.foreach = compiled, foreach
         self._update: Callable[..., None] | None = None

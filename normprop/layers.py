@@ -18,6 +18,7 @@ trains and serving computes exactly the training function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -142,12 +143,16 @@ class StepLink:
             ``k_i (G^T x)_i`` in ``weight.grad`` and the tangent coefficient in ``tangent``.
         norms: ``||W_i||`` as the last training forward read them (the step needs them).
         tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
+        owner: a weak reference to the optimiser: once it is gone the layer goes back to the
+            plain backward by itself (``weight.grad`` is the gradient again), as after
+            :meth:`~normprop.fused_sgd.ProjectedSGD.detach`.
     """
 
-    __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key")
+    __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key", "owner")
 
-    def __init__(self, decay: float, raw: bool) -> None:
-        self.decay, self.raw = decay, raw
+    def __init__(self, decay: float, raw: bool,
+                 owner: Callable[[], object | None] = lambda: True) -> None:
+        self.decay, self.raw, self.owner = decay, raw, owner
         self.norms: Tensor | None = None
         self.tangent: Tensor | None = None
         # ``||W_i||`` taken by the step right after it wrote W (still in cache), for the next
@@ -358,8 +363,13 @@ class NormPropLayer:
         """The :class:`StepLink` when ProjectedSGD drives this layer and the forward will be
         differentiated (its norms then set for the backward and the step), else ``None``."""
         link = self.fused_link
+        if link is None:
+            return None
+        if link.owner() is None:  # the optimiser was dropped without detach()
+            self.fused_link = None
+            return None
         weight = self.weight
-        if link is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        if not (torch.is_grad_enabled() and weight.requires_grad):
             return None
         if link.next_key == (weight._version, weight.data_ptr()):
             link.norms = link.next_norms

@@ -287,3 +287,30 @@ def test_a_zero_gamma_takes_the_kept_product_path_with_the_same_iterates(compile
         assert abs(a.loss - b.loss) < 1e-12
     for name, d in _directions(ref).items():
         assert torch.allclose(_directions(net)[name], d, atol=1e-12), name
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_dropped_optimiser_gives_the_layers_back(compiled) -> None:
+    """Without detach(): once ProjectedSGD is garbage, weight.grad is the gradient again (a
+    different optimiser can take over) and the net computes the same function."""
+    import gc
+
+    torch.manual_seed(0)
+    net = build_model("mlp:12,12", 6, 3).double()
+    opt = ProjectedSGD(net, lr=0.3, compiled=compiled)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    for _ in range(3):
+        train_step(net, opt, x, y, project=False)
+    layers = opt.fused_layers
+    del opt
+    gc.collect()
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    fast = [p.grad.clone() for p in net.parameters()]
+    assert all(m.fused_link is None for m in layers)
+    for m in layers:
+        m.fast_path = False
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    for a, p in zip(fast, net.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-12)
