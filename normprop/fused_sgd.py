@@ -55,11 +55,13 @@ def _fused_update(weights: list[Tensor], raws: list[Tensor], bufs: list[Tensor],
     tangent coefficient ``t_i``)::
 
         d = n R - (t - lam / n) V           # = n dL/dV + (lam / n) V, ProjectedSGD's direction
-        b <- mu b + d ;  V <- V - lr n b ;  return ||V_i||   (the next forward's norms)
+        b <- mu b + d ;  V <- V - lr n b
 
     and torch SGD (momentum, decay per parameter) for the rest. Read: ``R``, ``b``, ``V``;
-    written: ``b``, ``V`` -- the memory traffic of torch's fused SGD, with the projection's
-    norm computed in the same loop. Also correct when run eagerly (the fallback).
+    written: ``b``, ``V`` -- the memory traffic of torch's fused SGD. The next forward's row
+    norms are read after it (:func:`_remember_norms`): with ``||V_i||`` inside this loop,
+    inductor (torch 2.13, CPU) made a kernel 1.5x-1.7x slower than this one plus the separate
+    read (docs/LIBRARY.md). Also correct when run eagerly (the fallback).
     """
     for v, raw, b, n, t in zip(weights, raws, bufs, norms, tangents):
         n = n.clamp_min(torch.finfo(n.dtype).tiny).unsqueeze(1)
@@ -91,8 +93,7 @@ class ProjectedSGD(Optimizer):
         weight_decay: ``lam`` on weight matrices and filters (not on gamma, beta, slopes).
         compiled: run the step as one ``torch.compile``'d function (:func:`_fused_update`):
             per weight matrix one pass that reads the backward's product, the momentum and
-            the weight, writes the momentum and the weight, and computes the row norms the
-            next forward needs -- so that forward reads no norm, and the backward does no
+            the weight and writes the momentum and the weight, so the backward does no
             weight-sized work besides its matmuls. The same iterates to rounding. The first
             step compiles (seconds; cached on disk by torch); a step that cannot compile (no C++
             compiler, say) warns once, finishes that step eagerly, and goes on as
