@@ -26,6 +26,21 @@ def _directions(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _assert_plain_gradients(net: torch.nn.Module, layers: list, x: torch.Tensor,
+                            y: torch.Tensor) -> None:
+    """weight.grad is the gradient: the fast path's backward equals autograd through the
+    composite formula (eq. 9) for every parameter."""
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    fast = [p.grad.clone() for p in net.parameters()]
+    for m in layers:
+        m.fast_path = False
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    for a, p in zip(fast, net.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-12)
+
+
 @pytest.mark.parametrize("spec,shape,activation", [
     ("mlp:24,24,24", 20, "relu"),
     ("mlp:24,16", 20, "tanh"),
@@ -82,24 +97,18 @@ def test_detach_returns_to_the_plain_backward() -> None:
         assert torch.allclose(m.weight.norm(dim=1), torch.ones(m.weight.shape[0],
                                                                 dtype=torch.float64))
     assert torch.allclose(net(x), before, atol=1e-12)
-    # Plain gradients again: autograd through the composite formula agrees.
-    net.zero_grad()
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    fast = [p.grad.clone() for p in net.parameters()]
-    for m in opt.fused_layers:
-        m.fast_path = False
-    net.zero_grad()
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    for a, p in zip(fast, net.parameters()):
-        assert torch.allclose(a, p.grad, atol=1e-12)
+    _assert_plain_gradients(net, opt.fused_layers, x, y)  # plain gradients again
 
 
-def test_step_without_a_forward_is_an_error() -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_without_a_training_forward_and_backward_is_an_error(compiled) -> None:
     net = build_model("mlp:8", 4, 2)
-    opt = ProjectedSGD(net, lr=0.1)
+    opt = ProjectedSGD(net, lr=0.1, compiled=compiled)
+    with torch.no_grad():
+        net(torch.randn(2, 4))  # an evaluation forward does not count
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
-    with pytest.raises(RuntimeError, match="training forward"):
+    with pytest.raises(RuntimeError, match="training forward and backward"):
         opt.step()
 
 
@@ -220,17 +229,6 @@ def test_compiled_step_refuses_per_group_learning_rates() -> None:
         opt.step()
 
 
-def test_compiled_step_without_a_backward_is_an_error() -> None:
-    net = build_model("mlp:8", 4, 2)
-    opt = ProjectedSGD(net, lr=0.1, compiled=True)
-    with torch.no_grad():
-        net(torch.randn(2, 4))
-    for p in net.parameters():
-        p.grad = torch.zeros_like(p)
-    with pytest.raises(RuntimeError, match="training forward and backward"):
-        opt.step()
-
-
 def test_foreach_step_same_iterates_as_the_per_tensor_step() -> None:
     """``foreach=True`` (the default off the CPU) takes the same steps as the per-tensor loop."""
     torch.manual_seed(0)
@@ -304,13 +302,6 @@ def test_a_dropped_optimiser_gives_the_layers_back(compiled) -> None:
     layers = opt.fused_layers
     del opt
     gc.collect()
-    net.zero_grad()
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    fast = [p.grad.clone() for p in net.parameters()]
+    net(x)  # the first forward after the optimiser is gone lets go of it
     assert all(m.fused_link is None for m in layers)
-    for m in layers:
-        m.fast_path = False
-    net.zero_grad()
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    for a, p in zip(fast, net.parameters()):
-        assert torch.allclose(a, p.grad, atol=1e-12)
+    _assert_plain_gradients(net, layers, x, y)
