@@ -26,6 +26,27 @@ def _directions(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _assert_same_point(ref: torch.nn.Module, fused: torch.nn.Module, atol: float = 1e-9) -> None:
+    """Every NormProp row points the same way, and every other parameter is equal."""
+    for name, d in _directions(ref).items():
+        assert torch.allclose(_directions(fused)[name], d, atol=atol), name
+    fused_state = dict(fused.named_parameters())
+    for name, p in ref.named_parameters():
+        if not name.endswith("weight") or p.dim() == 1:
+            assert torch.allclose(fused_state[name], p, atol=atol), name
+
+
+def _twins(lr: float = 0.1, **opt_kwargs):
+    """A small float64 MLP with unit rows, a copy, torch SGD for the first and ProjectedSGD
+    for the copy, and one batch: (ref, ref_opt, net, opt, x, y)."""
+    torch.manual_seed(0)
+    ref = build_model("mlp:10", 6, 3).double()
+    project_weights_(ref)
+    net = copy.deepcopy(ref)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    return ref, paper_optimizer(ref, lr=lr), net, ProjectedSGD(net, lr=lr, **opt_kwargs), x, y
+
+
 def _assert_plain_gradients(net: torch.nn.Module, layers: list, x: torch.Tensor,
                             y: torch.Tensor) -> None:
     """weight.grad is the gradient: the fast path's backward equals autograd through the
@@ -65,12 +86,7 @@ def test_same_iterates_as_sgd_plus_projection(spec, shape, activation) -> None:
         b = train_step(fused, opt, x, y, project=step % 2 == 0)
         assert abs(a.loss - b.loss) < 1e-9 * max(1.0, abs(a.loss)), step
         assert torch.allclose(a.output, b.output, atol=1e-9), step
-    for name, d in _directions(ref).items():
-        assert torch.allclose(_directions(fused)[name], d, atol=1e-9), name
-    fused_state = dict(fused.named_parameters())
-    for name, p in ref.named_parameters():
-        if not name.endswith("weight") or p.dim() == 1:
-            assert torch.allclose(fused_state[name], p, atol=1e-9), name
+    _assert_same_point(ref, fused)
     # The un-normalised weights really are un-normalised (no divide pass), and folding and
     # evaluation see the same function as the reference.
     norms = torch.cat([m.weight.flatten(1).norm(dim=1) for m in opt.fused_layers])
@@ -172,12 +188,7 @@ def test_compiled_step_same_iterates_as_sgd_plus_projection(spec, shape) -> None
         assert abs(a.loss - b.loss) < 1e-9 * max(1.0, abs(a.loss)), step
         assert torch.allclose(a.output, b.output, atol=1e-9), step
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
-    for name, d in _directions(ref).items():
-        assert torch.allclose(_directions(fused)[name], d, atol=1e-9), name
-    fused_state = dict(fused.named_parameters())
-    for name, p in ref.named_parameters():
-        if not name.endswith("weight") or p.dim() == 1:
-            assert torch.allclose(fused_state[name], p, atol=1e-9), name
+    _assert_same_point(ref, fused)
     # weight.grad held the backward's product, not the gradient; detach() hands back the
     # plain backward, whose gradients match autograd through eq. 9 again.
     opt.detach()
@@ -202,13 +213,7 @@ def test_compiled_step_falls_back_to_eager_with_a_warning(monkeypatch) -> None:
         return fails
 
     monkeypatch.setattr(fused_sgd.torch, "compile", no_compiler)
-    torch.manual_seed(0)
-    ref = build_model("mlp:10", 6, 3).double()
-    project_weights_(ref)
-    net = copy.deepcopy(ref)
-    ref_opt = paper_optimizer(ref, lr=0.1)
-    opt = ProjectedSGD(net, lr=0.1, compiled=True)
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    ref, ref_opt, net, opt, x, y = _twins(compiled=True)
     with pytest.warns(RuntimeWarning, match="could not compile.*no working C\\+\\+ compiler"):
         train_step(net, opt, x, y, project=False)
     train_step(ref, ref_opt, x, y)
@@ -249,13 +254,7 @@ def test_foreach_step_same_iterates_as_the_per_tensor_step() -> None:
 def test_zero_grad_drops_a_compiled_backwards_tangent() -> None:
     """train_step skips a step whose gradient is not finite by zeroing the gradients; the
     tangent coefficients of that backward go with them, so the next step is not poisoned."""
-    torch.manual_seed(0)
-    ref = build_model("mlp:10", 6, 3).double()
-    project_weights_(ref)
-    net = copy.deepcopy(ref)
-    ref_opt = paper_optimizer(ref, lr=0.1)
-    opt = ProjectedSGD(net, lr=0.1, compiled=True)
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    ref, ref_opt, net, opt, x, y = _twins(compiled=True)
     torch.nn.functional.cross_entropy(net(x * 1e3), y).backward()  # a step not taken
     assert all(m.fused_link.tangent is not None for m in opt.fused_layers)
     opt.zero_grad()
