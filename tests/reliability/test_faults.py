@@ -9,7 +9,7 @@ measure (injections, losses, recovery times) is printed; run with ``-s`` to see 
 
     python3 -m pytest -q -s tests/reliability/test_faults.py
 
-1. the worker SIGKILLed 12 times under 20,000 samples: 3 mid-checkpoint-write, 3 between a
+1. the worker SIGKILLed 12 times under 20,000+ samples: 3 mid-checkpoint-write, 3 between a
    checkpoint and its XACK (the ``NP_FAULT_SNAPSHOT_WRITE_DELAY_SECONDS`` hook in
    service/snapshots.py holds each window open), 6 at random moments; retention checked;
 2. Redis SIGKILLed and restarted from its AOF; then a host crash: Redis and the worker killed,
@@ -93,23 +93,30 @@ def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> 
     bad: dict[bytes, str] = {}
     rng = random.Random(20260501)
     produced = threading.Event()
+    kills_done = threading.Event()
+    total = [0]
 
     def produce() -> None:
         # Bursts of 1..120 entries: trickles (batch 1) and backlogs (packed reads) both happen.
+        # At least WORKER_TOTAL entries, and on until the last kill: a hooked incarnation needs
+        # something to train, or it never starts the checkpoint write it is to be killed in.
         pr = redis.Redis.from_url(redis_server.url)
         i = 0
-        while i < WORKER_TOTAL:
-            burst = min(WORKER_TOTAL - i, rng.randint(1, 120))
+        while i < WORKER_TOTAL or not kills_done.is_set():
+            burst = rng.randint(1, 120)
+            if i < WORKER_TOTAL:
+                burst = min(WORKER_TOTAL - i, burst)
             pipe = pr.pipeline(transaction=False)
             reasons: list[str | None] = []
             for j in range(i, i + burst):
+                xj, yj = x[j % WORKER_TOTAL], int(y[j % WORKER_TOTAL])
                 if j % WORKER_BAD_EVERY == WORKER_BAD_EVERY - 1:
-                    fields, reason = _malformed(j // WORKER_BAD_EVERY % 3, codec, x[j])
+                    fields, reason = _malformed(j // WORKER_BAD_EVERY % 3, codec, xj)
                     pipe.xadd(STREAM, fields)
                     reasons.append(reason)
                 else:
                     # Mostly the binary form; every 7th in the JSON form (EntryCodec's path).
-                    pipe.xadd(STREAM, codec.encode(x[j], int(y[j]), binary=j % 7 != 0))
+                    pipe.xadd(STREAM, codec.encode(xj, yj, binary=j % 7 != 0))
                     reasons.append(None)
             for reason, eid in zip(reasons, pipe.execute()):
                 if reason is None:
@@ -118,6 +125,7 @@ def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> 
                     bad[eid] = reason
             i += burst
             time.sleep(rng.uniform(0.02, 0.18))  # ~600 samples/s
+        total[0] = i
         pr.close()
         produced.set()
 
@@ -182,6 +190,7 @@ def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> 
                     pinned = store.latest_version()
                     assert pinned is not None
                     store.pin(pinned)  # retention must keep it, whatever keep_snapshots says
+            kills_done.set()
             assert produced.wait(120), "the producer did not finish"
             t_final = time.monotonic()
             proc = spawn_worker(env, "final", log)
@@ -201,6 +210,7 @@ def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, tail(log)
         finally:
+            kills_done.set()  # a failure above must not leave the producer running
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
@@ -224,7 +234,8 @@ def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> 
     assert proof.trained_set == expected, (f"{len(expected - proof.trained_set)} accepted "
                                            "samples never trained")
     meta = proof.newest_meta
-    assert meta["samples_trained"] == len(good_ids) == WORKER_TOTAL - len(bad)
+    assert total[0] >= WORKER_TOTAL
+    assert meta["samples_trained"] == len(good_ids) == total[0] - len(bad)
     reasons = {reason: list(bad.values()).count(reason) for reason in set(bad.values())}
     assert {k: v for k, v in meta["dead_letters"].items() if v} == reasons
     dead_sources = [f[b"source_id"] for _, f in r.xrange(DEAD)]
