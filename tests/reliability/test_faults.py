@@ -41,13 +41,22 @@ import redis
 from _fault_helpers import (Archiver, Monitor, Predictor, Producer, free_port, service_env,
                             sid, spawn_worker, tail, trained_ids, worker_gauge)
 from test_api_support import ApiProcess
-from worker_helpers import MODEL, small_config, synthetic, wait_until
+from worker_helpers import MODEL, small_config, synthetic, trained_all, wait_until
 
 from service import keys
 from service.codec import EntryCodec
 from service.snapshots import SnapshotStore, load_network
 
 STREAM = keys.samples_stream(MODEL)
+
+
+def _covered(r: redis.Redis, store: SnapshotStore, newest_id: object) -> bool:
+    """Nothing pending, no lag, and the newest checkpoint reaches ``newest_id``."""
+    groups = r.xinfo_groups(STREAM)
+    latest = store.latest_version()
+    return bool(r.xpending(STREAM, keys.CONSUMER_GROUP)["pending"] == 0
+                and groups and groups[0]["lag"] == 0 and latest is not None
+                and sid(store.read_header_metadata(latest)["last_stream_id"]) >= newest_id)
 DEAD = keys.dead_letter_stream(MODEL)
 
 
@@ -198,12 +207,7 @@ def test_worker_sigkill_mid_write_exactly_once(redis_server, tmp_path: Path) -> 
                        what="the last worker takes the lease")
 
             def drained() -> bool:
-                latest = store.latest_version()
-                if latest is None:
-                    return False
-                meta = store.read_header_metadata(latest)
-                return (meta.get("samples_trained") == len(good_ids)
-                        and r.xpending(STREAM, keys.CONSUMER_GROUP)["pending"] == 0)
+                return trained_all(r, store, STREAM, len(good_ids))
 
             wait_until(drained, timeout=120, every=0.1, what="the stream drained")
             drain_s = time.monotonic() - t_final
@@ -385,13 +389,10 @@ def test_redis_sigkill_and_aof_restart(redis_server, tmp_path: Path) -> None:  #
             time.sleep(1.0)
             producer.stop()
 
+            newest_id = max(sid(e) for e in producer.good)
+
             def drained() -> bool:
-                groups = r.xinfo_groups(STREAM)
-                latest = store.latest_version()
-                return (r.xpending(STREAM, keys.CONSUMER_GROUP)["pending"] == 0
-                        and groups and groups[0]["lag"] == 0 and latest is not None
-                        and sid(store.read_header_metadata(latest)["last_stream_id"])
-                        >= max(sid(e) for e in producer.good))
+                return _covered(r, store, newest_id)
 
             wait_until(drained, timeout=60, every=0.1, what="the stream drained")
             worker.send_signal(signal.SIGTERM)
@@ -540,12 +541,7 @@ def test_redis_frozen_then_resumed(redis_server, tmp_path: Path) -> None:  # typ
             newest_id = max(sid(e) for e in producer.good + prober.good)
 
             def drained() -> bool:
-                groups = r.xinfo_groups(STREAM)
-                latest = store.latest_version()
-                return (r.xpending(STREAM, keys.CONSUMER_GROUP)["pending"] == 0
-                        and groups and groups[0]["lag"] == 0 and latest is not None
-                        and sid(store.read_header_metadata(latest)["last_stream_id"])
-                        >= newest_id)
+                return _covered(r, store, newest_id)
 
             wait_until(drained, timeout=60, every=0.1, what="the stream drained")
             # Same processes throughout: nothing was restarted.

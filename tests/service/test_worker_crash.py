@@ -24,7 +24,7 @@ from service import keys
 from service.codec import EntryCodec
 from service.snapshots import SnapshotStore
 
-from worker_helpers import MODEL, small_config, synthetic, wait_until
+from worker_helpers import MODEL, small_config, synthetic, trained_all, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 5000
@@ -105,12 +105,7 @@ def test_kill9_repeatedly_trains_each_sample_exactly_once(redis_server, tmp_path
                    what="the last worker takes the lease")
 
         def drained() -> bool:
-            latest = store.latest_version()
-            if latest is None:
-                return False
-            meta = store.read_metadata(latest)
-            return (meta["samples_trained"] == len(good_ids)
-                    and r.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0)
+            return trained_all(r, store, stream, len(good_ids))
 
         wait_until(drained, timeout=120, every=0.2, what="the stream drained")
         proc.send_signal(signal.SIGTERM)

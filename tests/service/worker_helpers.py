@@ -49,6 +49,17 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30.0, every: float = 0
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def trained_all(r: redis.Redis, store: Any, stream: str, n: int) -> bool:
+    """The newest checkpoint counts ``n`` trained samples and the stream has nothing pending:
+    what "the stream drained" means to the crash and fault tests."""
+    latest = store.latest_version()
+    if latest is None:
+        return False
+    meta = store.read_header_metadata(latest)
+    return (meta.get("samples_trained") == n
+            and r.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0)
+
+
 @contextlib.contextmanager
 def running_worker(settings: Settings) -> Iterator[Worker]:
     """A :class:`Worker` with its model threads running; stopped (gracefully) on exit."""
