@@ -166,16 +166,23 @@ class ProjectedSGD(Optimizer):
             if p.grad is None:
                 continue
             d = p.grad  # the fused backward already added the decay (in unit space)
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None or mu == 0:
-                buf = state["momentum_buffer"] = torch.clone(d).detach()
-            else:
+            buf = d
+            if mu != 0:
+                buf = self._momentum_buffer(p)
                 torch.add(d, buf, alpha=mu, out=buf)  # one pass: d + mu b
             link = self._link_of(p)
             p.addcmul_(buf, link.norms.unsqueeze(1), value=-lr)
             link.norms = None
             _remember_norms(link, p)
+
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        """``b`` of ``p``, made as zeros on first use: ``d + mu 0 = d`` is torch SGD's first
+        step (it copies ``d``) exactly."""
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(p)
+        return buf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's, and the tangent coefficients ``compiled=True`` backwards left (they are part
@@ -198,12 +205,7 @@ class ProjectedSGD(Optimizer):
         if mu == 0:
             bufs = grads
         else:
-            bufs = []
-            for p in params:  # mu * 0 + d = d: torch SGD's first step
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+            bufs = [self._momentum_buffer(p) for p in params]
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
         if kind == "fused":
@@ -232,21 +234,18 @@ class ProjectedSGD(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:  # mu * 0 + d = d: torch SGD's first step
-                    state["momentum_buffer"] = torch.zeros_like(p)
                 if kind == "fused":
                     link = self._link_of(p)
                     weights.append(p)
                     raws.append(p.grad)
-                    bufs.append(state["momentum_buffer"])
+                    bufs.append(self._momentum_buffer(p))
                     norms.append(link.norms)
                     tangents.append(link.tangent)
                     links.append(link)
                 else:
                     params.append(p)
                     grads.append(p.grad)
-                    pbufs.append(state["momentum_buffer"])
+                    pbufs.append(self._momentum_buffer(p))
                     decays.append(group["weight_decay"] if kind == "decay" else 0.0)
         if weights or params:
             # Tensors, not Python floats: a new learning rate must not recompile the step.
