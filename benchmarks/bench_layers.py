@@ -27,10 +27,12 @@ Run::
     python benchmarks/bench_layers.py --optimizer fused   # every variant's best one-pass optimiser
     python benchmarks/bench_layers.py --phases            # + forward / backward / step times
 
-``--optimizer fused`` gives every variant its fastest optimiser step, so that the ratios compare
-the layers and not the optimisers: ``torch.optim.SGD(fused=True)`` (one kernel for decay,
-momentum and update) for plain, BatchNorm, LayerNorm and NormProp + projection, and
-``ProjectedSGD(compiled=True)`` for ``normprop+psgd``.
+The optimisers are compared like for like. ``--optimizer torch`` (default): torch's own ops --
+``torch.optim.SGD``'s default step for plain, BatchNorm, LayerNorm and NormProp + projection,
+``ProjectedSGD(backend="eager")`` for ``normprop+psgd``. ``--optimizer fused``: every variant's
+one-pass step -- ``torch.optim.SGD(fused=True)`` (one kernel for decay, momentum and update)
+for the first four, ``ProjectedSGD(backend="native")`` (its C kernel) on the CPU and
+``backend="compile"`` on a GPU for ``normprop+psgd``. ``--psgd-backend`` overrides the latter.
 
 On a GPU every timed call ends with ``torch.cuda.synchronize()``, so a step's time is the time
 until its kernels have finished, not until they were queued.
@@ -111,6 +113,7 @@ def forward_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 CUDA_GRAPHS = False
 OPTIMIZER = "torch"
+PSGD_BACKEND = "eager"
 #: ``--phases``: per variant, the (forward + loss, backward, optimiser step + projection)
 #: seconds of every timed step, to show where a ratio comes from.
 PHASES: dict[str, list[tuple[float, float, float]]] | None = None
@@ -120,7 +123,8 @@ def step_fn(net: nn.Module, norm: str, x: torch.Tensor, y: torch.Tensor) -> Call
     # normprop+psgd: the same iterates as normprop (SGD, then projection) from ProjectedSGD.
     fused = OPTIMIZER == "fused"
     if norm == "normprop+psgd":
-        opt = ProjectedSGD(net, lr=1e-3, compiled=fused)
+        opt = ProjectedSGD(net, lr=1e-3, backend=PSGD_BACKEND)
+        assert opt.backend == PSGD_BACKEND, (opt.backend, PSGD_BACKEND)
     else:
         opt = paper_optimizer(net, lr=1e-3, fused=fused or None)
     net.train()
@@ -293,15 +297,19 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each variant's forward (training steps only)")
     parser.add_argument("--optimizer", choices=("torch", "fused"), default="torch",
-                        help="torch: torch.optim.SGD's default step; fused: SGD(fused=True) for "
-                             "the baselines, ProjectedSGD(compiled=True) for normprop+psgd")
+                        help="torch: torch.optim.SGD's default step, ProjectedSGD "
+                             "backend='eager'; fused: SGD(fused=True) for the baselines, "
+                             "ProjectedSGD backend='native' (CPU) / 'compile' (GPU)")
+    parser.add_argument("--psgd-backend", choices=("eager", "native", "compile"), default=None,
+                        help="ProjectedSGD's backend for normprop+psgd (default: see "
+                             "--optimizer)")
     parser.add_argument("--phases", action="store_true",
                         help="also print each variant's forward / backward / step times")
     parser.add_argument("--training-only", action="store_true", help="skip the inference part")
     parser.add_argument("--batches", default=None,
                         help="comma-separated batch sizes for both nets (default: per net)")
     args = parser.parse_args()
-    global STAT, CLOCK, DEVICE, CUDA_GRAPHS, COMPILE, OPTIMIZER
+    global STAT, CLOCK, DEVICE, CUDA_GRAPHS, COMPILE, OPTIMIZER, PSGD_BACKEND
     COMPILE = args.compile
     OPTIMIZER = args.optimizer
     if args.phases:
@@ -309,6 +317,8 @@ def main() -> None:
         PHASES = {}
     DEVICE = torch.device(args.device)
     gpu = DEVICE.type == "cuda"
+    PSGD_BACKEND = args.psgd_backend or (
+        "eager" if OPTIMIZER == "torch" else "compile" if gpu else "native")
     CUDA_GRAPHS = args.cuda_graphs
     if CUDA_GRAPHS and not gpu:
         parser.error("--cuda-graphs needs --device cuda")
@@ -324,8 +334,8 @@ def main() -> None:
     print(f"training step: {args.stat} {args.clock} time per step (ratio to plain)"
           f"{', whole step replayed as a CUDA graph' if CUDA_GRAPHS else ''}"
           f"{', forward torch.compile(dynamic=True)' if COMPILE else ''}"
-          + ("; optimisers: SGD(fused=True), ProjectedSGD(compiled=True)"
-             if OPTIMIZER == "fused" else ""))
+          + (f"; optimisers: {'SGD(fused=True)' if OPTIMIZER == 'fused' else 'SGD'}, "
+             f"ProjectedSGD(backend={PSGD_BACKEND!r})"))
     chosen = [int(b) for b in args.batches.split(",")] if args.batches else None
     print(f"{'':15s} | " + " | ".join(f"{n:>20s}" for n in NORMS))
     if args.only in (None, "mlp"):

@@ -25,9 +25,11 @@ give the layers back to the plain backward.
 
 Two more passes go: the step takes ``||V_i||`` for the next forward right after it wrote
 ``V`` (still in cache; valid while ``V``'s autograd version is unchanged, see
-:class:`~normprop.layers.StepLink`), and with ``compiled=True`` the decay/tangent pass of the
-backward, the momentum and the update become one ``torch.compile``'d loop per weight
-(:func:`_fused_update`), the memory traffic of torch's ``SGD(fused=True)``.
+:class:`~normprop.layers.StepLink`), and with the ``native`` and ``compile`` backends the
+decay/tangent pass of the backward, the momentum and the update become one loop per weight
+(:func:`_fused_update`): the memory traffic of torch's ``SGD(fused=True)``. The ``native``
+backend (a C kernel, :mod:`normprop.native`; the default on the CPU) also sums each new row's
+squares inside that loop, so the norm read goes too.
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import native
 from .layers import NormPropConv2d, NormPropLinear, StepLink
 
-__all__ = ["ProjectedSGD"]
+__all__ = ["Backend", "ProjectedSGD"]
+
+#: How :class:`ProjectedSGD` takes the step of a NormProp weight matrix (see its docstring).
+Backend = Literal["auto", "eager", "native", "compile"]
 
 
 def _fused_update(weights: list[Tensor], raws: list[Tensor], bufs: list[Tensor],
@@ -91,13 +98,23 @@ class ProjectedSGD(Optimizer):
         lr: learning rate.
         momentum: ``mu`` (0.9 in the paper).
         weight_decay: ``lam`` on weight matrices and filters (not on gamma, beta, slopes).
-        compiled: run the step as one ``torch.compile``'d function (:func:`_fused_update`):
-            per weight matrix one pass that reads the backward's product, the momentum and
-            the weight and writes the momentum and the weight, so the backward does no
-            weight-sized work besides its matmuls. The same iterates to rounding. The first
-            step compiles (seconds; cached on disk by torch); a step that cannot compile (no C++
-            compiler, say) warns once, finishes that step eagerly, and goes on as
-            ``compiled=False``.
+        backend: how each :class:`NormPropLinear` weight takes its step:
+
+            * ``"native"``: one pass per weight in C (:mod:`normprop.native`): reads the
+              backward's product, the momentum and the weight, writes the momentum and the
+              weight, and sums the new rows' squares for the next forward on the way. CPU,
+              float32/float64; any other weight takes :func:`_fused_update` eagerly. Raises if
+              the kernel cannot be built (no C compiler).
+            * ``"compile"``: the whole step as one ``torch.compile``'d function
+              (:func:`_fused_update`), for GPUs (Triton). The first step compiles (seconds;
+              cached on disk by torch); a step that cannot compile warns once, finishes
+              eagerly, and goes on as ``"eager"``.
+            * ``"eager"``: torch ops; the backward writes the step's direction into
+              ``weight.grad`` (one weight pass), the step adds momentum and updates.
+            * ``"auto"`` (default): ``"native"`` when every such weight is on the CPU and the
+              kernel builds, else ``"eager"``. :attr:`backend` tells which was taken.
+
+            All four compute the same iterates (to rounding; tested in float64).
         foreach: use torch's multi-tensor ops for the step (fewer kernel launches); ``None``
             (default) picks them when the parameters are not on the CPU, as torch's SGD does.
 
@@ -111,7 +128,7 @@ class ProjectedSGD(Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, compiled: bool = False,
+                 weight_decay: float = 5e-4, backend: Backend = "auto",
                  foreach: bool | None = None) -> None:
         self.fused_layers = [m for m in model.modules() if isinstance(m, NormPropLinear)]
         self.projected_layers = [m for m in model.modules() if isinstance(m, NormPropConv2d)]
@@ -124,12 +141,29 @@ class ProjectedSGD(Optimizer):
             groups[key].append(p)
         param_groups = [{"params": ps, "kind": k} for k, ps in groups.items() if ps]
         super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        #: The backend taken: ``"native"``, ``"compile"`` or ``"eager"`` (never ``"auto"``).
+        self.backend: Literal["eager", "native", "compile"] = self._resolve(backend)
+        raw = self.backend != "eager"
         for m in self.fused_layers:
-            m.fused_link = StepLink(weight_decay, raw=compiled, owner=weakref.ref(self))
+            m.fused_link = StepLink(weight_decay, raw=raw, owner=weakref.ref(self))
         self._owner = {id(m.weight): m for m in self.fused_layers}
-        self.compiled, self.foreach = compiled, foreach
+        self.foreach = foreach
         self._update: Callable[..., None] | None = None
         self._scalars: tuple[tuple, Tensor] | None = None
+
+    def _resolve(self, backend: str) -> Literal["eager", "native", "compile"]:
+        if backend not in ("auto", "eager", "native", "compile"):
+            raise ValueError(f"ProjectedSGD backend must be one of 'auto', 'eager', 'native', "
+                             f"'compile'; got {backend!r}")
+        on_cpu = all(m.weight.device.type == "cpu" for m in self.fused_layers)
+        if backend == "native":
+            if not native.available():
+                raise RuntimeError("ProjectedSGD(backend='native'): "
+                                   f"{native.unavailable_reason()}")
+            return "native"
+        if backend == "auto":
+            return "native" if on_cpu and self.fused_layers and native.available() else "eager"
+        return backend  # type: ignore[return-value]
 
     def detach(self) -> None:
         """Give the fused layers back to the plain backward (their rows are then projected)."""
@@ -145,8 +179,11 @@ class ProjectedSGD(Optimizer):
         """One step; ``closure`` is not supported (one forward/backward per step)."""
         if closure is not None:
             raise ValueError("ProjectedSGD takes no closure")
-        if self.compiled:
+        if self.backend == "compile":
             self._compiled_step()
+            return
+        if self.backend == "native":
+            self._native_step()
             return
         first = next((p for g in self.param_groups for p in g["params"]), None)
         foreach = self.foreach if self.foreach is not None else (
@@ -175,6 +212,31 @@ class ProjectedSGD(Optimizer):
             link.norms = None
             _remember_norms(link, p)
 
+    def _native_step(self) -> None:
+        """NormProp weights through the C kernel (each one pass, new norms included); gamma,
+        beta and the rest through torch's ops, as the eager backend."""
+        for group in self.param_groups:
+            if group["kind"] != "fused":
+                self._foreach_group(group)
+                continue
+            lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                link = self._link_of(p)
+                raw, norms, tangent = p.grad, link.norms, link.tangent
+                buf = self._momentum_buffer(p) if mu != 0 else None
+                link.norms = link.tangent = None
+                if native.supports(p, raw, norms, tangent, *([] if buf is None else [buf])):
+                    link.next_norms = native.projected_sgd_rows_(p, raw, buf, norms, tangent,
+                                                                 lr, mu, lam)
+                    link.next_key = (p._version, p.data_ptr())
+                else:  # e.g. bfloat16 or a non-contiguous weight: the same step in torch ops
+                    _fused_update([p], [raw], [torch.zeros_like(p) if buf is None else buf],
+                                  [norms], [tangent], [], [], [], [], lr, mu, lam)
+                    _remember_norms(link, p)
+        self._project_filters()
+
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         """``b`` of ``p``, made as zeros on first use: ``d + mu 0 = d`` is torch SGD's first
         step (it copies ``d``) exactly."""
@@ -185,8 +247,9 @@ class ProjectedSGD(Optimizer):
         return buf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's, and the tangent coefficients ``compiled=True`` backwards left (they are part
-        of the gradient: a step skipped after its backward must not pass them on)."""
+        """torch's, and the tangent coefficients the ``native`` / ``compile`` backwards left
+        (they are part of the gradient: a step skipped after its backward must not pass them
+        on)."""
         super().zero_grad(set_to_none=set_to_none)
         for m in self.fused_layers:
             if m.fused_link is not None:
@@ -224,7 +287,7 @@ class ProjectedSGD(Optimizer):
         params, grads, pbufs, decays = [], [], [], []
         lr_mu = {(g["lr"], g["momentum"]) for g in self.param_groups}
         if len(lr_mu) != 1:
-            raise ValueError("ProjectedSGD(compiled=True) takes one lr and momentum for all "
+            raise ValueError("ProjectedSGD(backend='compile') takes one lr and momentum for all "
                              f"parameter groups, got {sorted(lr_mu)}")
         (lr, mu), lam = lr_mu.pop(), self.defaults["weight_decay"]
         for group in self.param_groups:
@@ -281,14 +344,14 @@ class ProjectedSGD(Optimizer):
                 self._update(*args)
                 return
             except Exception as exc:  # noqa: BLE001 -- any compiler failure: run it eagerly
-                warnings.warn(f"ProjectedSGD(compiled=True) could not compile its step "
+                warnings.warn(f"ProjectedSGD(backend='compile') could not compile its step "
                               f"({type(exc).__name__}: {exc}); this step runs the same "
-                              f"function eagerly, the next ones as ProjectedSGD(compiled=False)",
+                              f"function eagerly, the next ones with backend='eager'",
                               RuntimeWarning, stacklevel=3)
                 self._update = _fused_update
                 # The backward already left this step's product; later ones leave the
                 # direction itself (the same iterates, see the module docstring).
-                self.compiled = False
+                self.backend = "eager"
                 for m in self.fused_layers:
                     if m.fused_link is not None:
                         m.fused_link.raw = False

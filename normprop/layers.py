@@ -96,7 +96,7 @@ class _NormalizedRows(torch.autograd.Function):
             if link is None:
                 d_weight = torch.addcmul(flat_g, flat_w, coef.unsqueeze(1), value=-1.0)
                 d_weight.mul_(k.unsqueeze(1))
-            elif link.raw:  # ProjectedSGD(compiled=True) finishes it in its step
+            elif link.raw:  # ProjectedSGD's native / compile step finishes it
                 d_weight = flat_g * k.unsqueeze(1)
                 tangent = k * dot / r
                 link.tangent = tangent if link.tangent is None else link.tangent + tangent
@@ -139,7 +139,8 @@ class StepLink:
 
     Attributes:
         decay: the optimiser's weight decay ``lam``.
-        raw: ``True`` for ``ProjectedSGD(compiled=True)``: the backward leaves the product
+        raw: ``True`` for ProjectedSGD's ``native`` and ``compile`` backends: the backward
+            leaves the product
             ``k_i (G^T x)_i`` in ``weight.grad`` and the tangent coefficient in ``tangent``.
         norms: ``||W_i||`` as the last training forward read them (the step needs them).
         tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
@@ -248,7 +249,7 @@ class _NormPropLinearRows(torch.autograd.Function):
                 u = s.mul_(k)
             u_r = u / r  # k_i (G_i . W_i) / r_i: the tangent coefficient
             if need_w and link is not None and link.raw:
-                # ProjectedSGD(compiled=True): k_i (G^T x)_i here, the rest in its fused step.
+                # ProjectedSGD native / compile: k_i (G^T x)_i here, the rest in its step.
                 d_w = gz.t().mm(x)
                 link.tangent = u_r if link.tangent is None else link.tangent + u_r
             elif need_w and link is not None:

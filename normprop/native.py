@@ -1,0 +1,213 @@
+"""The native CPU kernel of :class:`~normprop.fused_sgd.ProjectedSGD`'s step (``csrc/``).
+
+Why hand-written C: the step for a NormProp weight is one pass per row -- read the backward's
+product, the momentum and the weight, write the momentum and the weight, and sum the new row's
+squares for the next forward's ``||V_i||`` while the row is still in L1. Eager torch needs
+three passes plus a norm read; ``torch.compile`` (inductor, torch 2.13 CPU) fuses the update
+but not the row sum: with the sum inside, its kernel was 1.5x-1.7x slower than the update
+alone, and the update plus a separate norm read costs ~1.6x this kernel
+(``benchmarks/bench_layers.py``, docs/LIBRARY.md). The kernel is plain C99 with OpenMP (the
+runtime torch itself loads), built once per machine with the system C compiler in under a
+second and loaded through :mod:`ctypes`: no torch headers, so no ABI tie to a torch version,
+and no build step at install time. Where it cannot be built (no compiler), ``ProjectedSGD``
+takes the eager step, which computes the same iterates.
+
+Environment:
+    ``NORMPROP_CACHE_DIR``: where the built library is kept (default
+    ``$XDG_CACHE_HOME/normprop``, i.e. ``~/.cache/normprop``; a private directory under the
+    system temp dir if that is not writable).
+    ``CC``: the C compiler (default ``cc``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "projected_sgd_rows_", "supports", "unavailable_reason"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "projected_sgd.c"
+_ABI = 1
+# -O3 vectorises the row loops with the baseline ISA (no -march=native: a library cached in a
+# shared home directory must run on every machine that reads it; the loop is memory-bound, and
+# AVX2 gained nothing measurable). No -ffp-contract: each element rounds as torch's formula does.
+_FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-std=c99")
+_KERNELS = {torch.float32: ("normprop_psgd_rows_f32", ctypes.c_float),
+            torch.float64: ("normprop_psgd_rows_f64", ctypes.c_double)}
+_unavailable: str | None = None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("NORMPROP_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "normprop"
+
+
+def _private_tmp_dir() -> Path:
+    """``$TMPDIR/normprop-<uid>``, created 0700 and checked to be ours (a library loaded from a
+    directory others can write to would run their code)."""
+    path = Path(tempfile.gettempdir()) / f"normprop-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{path} is not a private directory of this user")
+    return path
+
+
+class _CompileError(OSError):
+    """The compiler ran and failed (another directory would not help)."""
+
+
+def _build(compiler: list[str], flags: tuple[str, ...], target: Path) -> None:
+    """Compile to a temporary name next to ``target`` and rename: concurrent builders (two
+    workers starting together) each write their own file, and readers only see whole ones."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([*compiler, *flags, str(_SOURCE), "-o", tmp],
+                              capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise _CompileError(f"{shlex.join(compiler)} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library_name(compiler: list[str], flags: tuple[str, ...]) -> str:
+    key = hashlib.sha256(b"\0".join([
+        _SOURCE.read_bytes(), " ".join(compiler).encode(), " ".join(flags).encode(),
+        platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
+    return f"projected_sgd-{key}.so"
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.normprop_psgd_abi() != _ABI:
+        raise OSError(f"{path}: ABI {lib.normprop_psgd_abi()}, expected {_ABI}")
+    for symbol, ctype in _KERNELS.values():
+        fn = getattr(lib, symbol)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctype] * 3 + [ctypes.c_int]
+    return lib
+
+
+def _cached(name: str) -> ctypes.CDLL | None:
+    """A library built earlier (by this machine, or shipped in an image's cache directory:
+    then no compiler is needed)."""
+    for directory in (_cache_dir, _private_tmp_dir):
+        try:
+            path = directory() / name
+            if path.exists():
+                return _open(path)
+        except OSError:
+            continue
+    return None
+
+
+def _build_and_open(compiler: list[str], flags: tuple[str, ...], name: str) -> ctypes.CDLL:
+    errors = []
+    for directory in (_cache_dir, _private_tmp_dir):
+        try:
+            target = directory() / name
+            _build(compiler, flags, target)
+            return _open(target)
+        except _CompileError:
+            raise
+        except (OSError, subprocess.SubprocessError) as exc:  # unwritable directory, timeout
+            errors.append(str(exc))
+    raise OSError("; ".join(errors))
+
+
+# OpenMP threads where the compiler has them (torch's own runtime, libgomp, is then the one
+# already loaded); serial otherwise.
+_VARIANTS = ((*_FLAGS, "-fopenmp"), (*_FLAGS, "-Wno-unknown-pragmas"))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _unavailable
+    if platform.system() == "Windows":
+        _unavailable = "the native step is built for POSIX systems only"
+        return None
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    names = [_library_name(compiler, flags) for flags in _VARIANTS]
+    for name in names:
+        lib = _cached(name)
+        if lib is not None:
+            return lib
+    if shutil.which(compiler[0]) is None:
+        _unavailable = f"no C compiler ({shlex.join(compiler)!r} not found; set CC)"
+        return None
+    errors = []
+    for flags, name in zip(_VARIANTS, names):
+        try:
+            return _build_and_open(compiler, flags, name)
+        except OSError as exc:
+            errors.append(str(exc))
+    _unavailable = "could not build the native step: " + " | ".join(errors)
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on first call, < 1 s, then cached)."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is ``False`` (``None`` when it is ``True``)."""
+    return None if available() else _unavailable
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the kernel can take these tensors: CPU, contiguous, float32 or float64, one
+    dtype."""
+    dtype = tensors[0].dtype
+    return dtype in _KERNELS and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+# Below this many elements one thread does the whole matrix: waking a team costs more.
+_PARALLEL_MIN = 1 << 16
+
+
+def projected_sgd_rows_(weight: Tensor, raw: Tensor, buf: Tensor | None, norms: Tensor,
+                        tangent: Tensor, lr: float, mu: float, lam: float) -> Tensor:
+    """One ProjectedSGD step of one weight matrix, in place; returns the new row norms.
+
+    ``d = n R - (t - lam / n) V``, ``b <- mu b + d``, ``V <- V - lr n b`` (``buf=None``: no
+    momentum, ``b = d``), then ``||V_i||``; see ``csrc/projected_sgd.c``. ``weight``'s autograd
+    version is bumped, as any in-place op would (the write goes around autograd). The caller
+    checks :func:`supports` first.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native ProjectedSGD step is not available: {_unavailable}")
+    symbol, ctype = _KERNELS[weight.dtype]
+    m = weight.shape[0]
+    n = weight.numel() // max(m, 1)
+    norms, tangent = norms.contiguous(), tangent.contiguous()
+    out = torch.empty(m, dtype=weight.dtype)
+    threads = torch.get_num_threads() if weight.numel() >= _PARALLEL_MIN else 1
+    getattr(lib, symbol)(weight.data_ptr(), raw.data_ptr(),
+                         None if buf is None else buf.data_ptr(), norms.data_ptr(),
+                         tangent.data_ptr(), out.data_ptr(), m, n, ctype(lr), ctype(mu),
+                         ctype(lam), threads)
+    torch.autograd.graph.increment_version(weight)
+    if buf is not None:
+        torch.autograd.graph.increment_version(buf)
+    return out

@@ -1,0 +1,209 @@
+"""The native ProjectedSGD step (normprop/csrc/projected_sgd.c): what it computes, how it is
+built and cached, and what happens where it cannot be built.
+
+The kernel is compared with ``_fused_update`` -- the same step in torch ops -- on the same
+tensors; ``tests/normprop/test_fused_sgd.py`` compares its iterates with torch SGD + projection.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import stat
+
+import pytest
+import torch
+
+from normprop import build_model, native, paper_optimizer, project_weights_, train_step
+from normprop.fused_sgd import ProjectedSGD, _fused_update
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A cache directory of its own and no loaded library: the next call builds (or fails to)
+    from scratch. The process-wide library is loaded again afterwards."""
+    monkeypatch.setenv("NORMPROP_CACHE_DIR", str(tmp_path / "cache"))
+    native._library.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    native._library.cache_clear()
+
+
+def _step_tensors(m: int, n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(m, n, dtype=dtype, generator=g)
+    raw = torch.randn(m, n, dtype=dtype, generator=g) * 0.1
+    buf = torch.randn(m, n, dtype=dtype, generator=g) * 0.01
+    norms = v.norm(dim=1)
+    tangent = torch.randn(m, dtype=dtype, generator=g) * 1e-2
+    return v, raw, buf, norms, tangent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_kernel_rounds_as_the_torch_formula(dtype, momentum) -> None:
+    """Weight and momentum bit for bit as ``_fused_update`` in torch ops; the new row norms
+    (summed in another order) to a few ulps."""
+    v, raw, buf, norms, tangent = _step_tensors(37, 300, dtype)
+    v2, buf2 = v.clone(), buf.clone()
+    lr, lam = 0.05, 5e-3
+    if momentum == 0.0:
+        buf2.zero_()  # torch ops: b = 0 b + d = d; the kernel keeps no buffer (b = None)
+    # The scalars as tensors, as the compile backend passes them (a Python float over a tensor
+    # is reciprocal-then-multiply in torch, which rounds differently from a division).
+    scalars = [torch.tensor(s, dtype=dtype) for s in (lr, momentum, lam)]
+    _fused_update([v2], [raw], [buf2], [norms], [tangent], [], [], [], [], *scalars)
+    new_norms = native.projected_sgd_rows_(v, raw, buf if momentum else None, norms, tangent,
+                                           lr, momentum, lam)
+    assert torch.equal(v, v2)
+    if momentum:
+        assert torch.equal(buf, buf2)
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(new_norms, v.norm(dim=1), rtol=16 * eps, atol=0)
+    assert not torch.equal(v, _step_tensors(37, 300, dtype)[0])  # it did move
+
+
+def test_kernel_result_does_not_depend_on_the_thread_count() -> None:
+    """Rows are split over threads, each row summed by one thread in a fixed order."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            v, raw, buf, norms, tangent = _step_tensors(512, 256, torch.float32, seed=3)
+            assert v.numel() >= native._PARALLEL_MIN  # large enough to be split
+            out = native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.1, 0.9, 5e-4)
+            results.append((v, buf, out))
+    finally:
+        torch.set_num_threads(before)
+    for v, buf, out in results[1:]:
+        assert torch.equal(v, results[0][0]) and torch.equal(buf, results[0][1])
+        assert torch.equal(out, results[0][2])
+
+
+def test_kernel_write_counts_as_an_in_place_change() -> None:
+    """The C write goes around autograd, so the kernel bumps the version counter itself:
+    the layer's "rows are unit" mark is void afterwards, and a graph that saved the weight
+    refuses to backward through the stale value (as after any in-place op)."""
+    torch.manual_seed(0)
+    net = build_model("mlp:16", 8, 3)
+    layer = net.layers[0]
+    assert layer.rows_known_unit()
+    v = layer.weight
+    loss = net(torch.randn(4, 8)).sum()  # a graph holding the weight, not yet differentiated
+    version = v._version
+    with torch.no_grad():
+        native.projected_sgd_rows_(v, torch.randn_like(v), None, v.norm(dim=1),
+                                   torch.zeros(16), 0.1, 0.0, 0.0)
+    assert v._version == version + 1
+    assert not layer.rows_known_unit()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_auto_takes_the_native_step_on_the_cpu() -> None:
+    net = build_model("mlp:8", 4, 2)
+    assert native.available() and native.unavailable_reason() is None
+    assert ProjectedSGD(net, lr=0.1).backend == "native"
+    assert ProjectedSGD(net, lr=0.1, backend="eager").backend == "eager"
+    with pytest.raises(ValueError, match="one of 'auto', 'eager', 'native', 'compile'"):
+        ProjectedSGD(net, lr=0.1, backend="fast")
+
+
+def test_the_build_is_cached_across_processes(fresh_build, monkeypatch) -> None:
+    """The first use compiles into the cache directory; a new process (here: a cleared
+    in-process cache) loads that file and runs no compiler."""
+    log = fresh_build / "cc.log"
+    wrapper = fresh_build / "cc-logged"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec cc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.available()
+    builds = log.read_text().splitlines()
+    assert len(builds) == 1 and "-fopenmp" in builds[0]
+    [built] = (fresh_build / "cache").glob("projected_sgd-*.so")
+    native._library.cache_clear()
+    assert native.available()
+    assert log.read_text().splitlines() == builds  # loaded, not rebuilt
+    assert list((fresh_build / "cache").iterdir()) == [built]  # no temporary files left
+
+
+def test_a_library_in_the_cache_needs_no_compiler(fresh_build, monkeypatch) -> None:
+    """An image can ship the built library in its cache directory and no compiler."""
+    monkeypatch.delenv("CC", raising=False)
+    assert native.available()  # built here with cc
+    native._library.cache_clear()
+    monkeypatch.setenv("PATH", str(fresh_build / "empty"))  # no cc on the PATH now
+    assert native.available()
+    native._library.cache_clear()
+    for built in (fresh_build / "cache").glob("*.so"):
+        built.unlink()
+    assert not native.available() and "no C compiler" in native.unavailable_reason()
+
+
+def test_an_unusable_cache_directory_falls_back_to_a_private_temp_dir(fresh_build,
+                                                                      monkeypatch) -> None:
+    not_a_dir = fresh_build / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("NORMPROP_CACHE_DIR", str(not_a_dir))
+    monkeypatch.setenv("TMPDIR", str(fresh_build / "tmp"))
+    (fresh_build / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert native.available()
+    private = fresh_build / "tmp" / f"normprop-{os.getuid()}"
+    assert list(private.glob("projected_sgd-*.so"))
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("cc,reason", [
+    ("/nonexistent/cc", "no C compiler"),
+    ("FAILING", "could not build the native step: .*boom"),
+])
+def test_without_a_working_compiler_auto_is_eager_and_native_says_why(
+        fresh_build, monkeypatch, cc, reason) -> None:
+    """No compiler, or one that fails: ``available()`` is False with the reason, ``auto``
+    takes the eager step (the same iterates, see test_fused_sgd), and asking for ``native``
+    raises with the reason rather than running something else."""
+    if cc == "FAILING":
+        failing = fresh_build / "cc-failing"
+        failing.write_text("#!/bin/sh\necho boom >&2\nexit 1\n")
+        failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+        cc = str(failing)
+    monkeypatch.setenv("CC", cc)
+    assert not native.available()
+    assert re.search(reason, native.unavailable_reason())
+    net = build_model("mlp:8", 4, 2)
+    opt = ProjectedSGD(net, lr=0.1)
+    assert opt.backend == "eager"
+    train_step(net, opt, torch.randn(3, 4), torch.tensor([0, 1, 0]), project=False)
+    with pytest.raises(RuntimeError, match=reason):
+        ProjectedSGD(net, lr=0.1, backend="native")
+    with pytest.raises(RuntimeError, match="not available"):
+        native.projected_sgd_rows_(*_step_tensors(2, 3, torch.float32), 0.1, 0.9, 0.0)
+    assert not list(fresh_build.rglob("*.so"))  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_weights_the_kernel_cannot_take_get_the_same_step_in_torch_ops(momentum,
+                                                                       monkeypatch) -> None:
+    """A weight outside the kernel's reach (a dtype other than float32/64, a non-contiguous
+    one) takes ``_fused_update`` in torch ops: the same iterates as SGD + projection."""
+    torch.manual_seed(0)
+    ref = build_model("mlp:12,12", 6, 3).double()
+    project_weights_(ref)
+    net = copy.deepcopy(ref)
+    ref_opt = paper_optimizer(ref, lr=0.1, momentum=momentum)
+    opt = ProjectedSGD(net, lr=0.1, momentum=momentum, backend="native")
+    calls = []
+    monkeypatch.setattr(native, "supports", lambda *t: calls.append(len(t)) and False)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    for _ in range(4):
+        a, b = train_step(ref, ref_opt, x, y), train_step(net, opt, x, y, project=False)
+        assert abs(a.loss - b.loss) < 1e-12
+    assert len(calls) == 4 * len(opt.fused_layers)
+    for r, m in zip(ref.layers, net.layers):
+        w = m.weight.detach()
+        assert torch.allclose(w / w.norm(dim=1, keepdim=True), r.weight, atol=1e-12)
+    assert all(m.fused_link.next_norms is not None for m in opt.fused_layers)
