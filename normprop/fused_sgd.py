@@ -42,11 +42,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.sgd import sgd
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from . import native
 from .layers import NormPropConv2d, NormPropLinear, StepLink
 
 __all__ = ["Backend", "ProjectedSGD"]
+
+_FUSED_SGD_DEVICES = frozenset(_get_fused_kernels_supported_devices())
 
 #: How :class:`ProjectedSGD` takes the step of a NormProp weight matrix (see its docstring).
 Backend = Literal["auto", "eager", "native", "compile"]
@@ -214,10 +218,10 @@ class ProjectedSGD(Optimizer):
 
     def _native_step(self) -> None:
         """NormProp weights through the C kernel (each one pass, new norms included); gamma,
-        beta and the rest through torch's ops, as the eager backend."""
+        beta and the rest through torch's fused SGD kernel (:meth:`_one_pass_group`)."""
         for group in self.param_groups:
             if group["kind"] != "fused":
-                self._foreach_group(group)
+                self._one_pass_group(group)
                 continue
             lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -236,6 +240,22 @@ class ProjectedSGD(Optimizer):
                                   [norms], [tangent], [], [], [], [], lr, mu, lam)
                     _remember_norms(link, p)
         self._project_filters()
+
+    def _one_pass_group(self, group: dict) -> None:
+        """gamma, beta, slopes, conv filters, plain layers: torch's fused SGD kernel (one pass
+        for decay, momentum and update, what ``SGD(fused=True)`` runs), where torch has it for
+        these tensors; else the multi-tensor ops."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if not all(p.device.type in _FUSED_SGD_DEVICES and p.is_floating_point() for p in params):
+            self._foreach_group(group)
+            return
+        mu = group["momentum"]
+        bufs = [self._momentum_buffer(p) for p in params] if mu != 0 else [None] * len(params)
+        lam = group["weight_decay"] if group["kind"] == "decay" else 0.0
+        sgd(params, [p.grad for p in params], bufs, fused=True, weight_decay=lam,
+            momentum=mu, lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         """``b`` of ``p``, made as zeros on first use: ``d + mu 0 = d`` is torch SGD's first
