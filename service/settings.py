@@ -176,6 +176,11 @@ class Settings(BaseSettings):
     worker_block_ms: int = Field(200, ge=1)
     consumer_name: str | None = None
     torch_threads: int | None = Field(None, ge=1)
+    #: How ``normprop.ProjectedSGD`` takes each weight's step (the same iterates every way):
+    #: ``auto`` -- its C kernel on the CPU when the worker can build it (a C compiler, once;
+    #: ``NORMPROP_CACHE_DIR`` keeps the build), else torch ops; ``eager`` -- torch ops only;
+    #: ``native`` -- the kernel or fail at start; ``compile`` -- ``torch.compile`` (GPU).
+    optimizer_backend: Literal["auto", "eager", "native", "compile"] = "auto"
     #: The service's own log level (worker and API; uvicorn's access log has its own flags).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

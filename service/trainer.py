@@ -66,6 +66,7 @@ class ModelTrainer:
         config: the model's configuration.
         device: where the network trains.
         window: samples in the prequential sliding window.
+        optimizer_backend: ``ProjectedSGD``'s backend (``Settings.optimizer_backend``).
 
     Examples::
 
@@ -80,9 +81,11 @@ class ModelTrainer:
     """
 
     def __init__(self, config: ModelConfig, device: torch.device,
-                 window: int = PREQUENTIAL_WINDOW) -> None:
+                 window: int = PREQUENTIAL_WINDOW,
+                 optimizer_backend: normprop.fused_sgd.Backend = "auto") -> None:
         self.config = config
         self.device = device
+        self.optimizer_backend = optimizer_backend
         self.classification = config.task == "classification"
         self.model: NormPropNet = build_network(config).to(device)
         self.model.train()
@@ -121,7 +124,8 @@ class ModelTrainer:
         # every reader -- serving's load_network, fold, the diagnostics -- normalises).
         self.optimizer = normprop.ProjectedSGD(self.model, lr=self.config.lr,
                                                momentum=self.config.momentum,
-                                               weight_decay=self.config.weight_decay)
+                                               weight_decay=self.config.weight_decay,
+                                               backend=self.optimizer_backend)
         self._param_names = {p: n for n, p in self.model.named_parameters()}
         self._current_lr = None  # the next step sets its rate on the new groups
 

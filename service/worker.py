@@ -311,7 +311,7 @@ class ModelWorker:
         # Build the network before competing for the lease: it validates the configuration
         # early, and the first torch.optim construction imports torch._dynamo (seconds on a
         # busy CPU) -- a standby worker should take over warm.
-        self._spare = ModelTrainer(self.config, self.device)
+        self._spare = self._build_trainer()
         try:
             while not self.stop.is_set():
                 try:
@@ -499,7 +499,11 @@ class ModelWorker:
 
     def _new_trainer(self) -> ModelTrainer:
         spare, self._spare = self._spare, None
-        return spare if spare is not None else ModelTrainer(self.config, self.device)
+        return spare if spare is not None else self._build_trainer()
+
+    def _build_trainer(self) -> ModelTrainer:
+        return ModelTrainer(self.config, self.device,
+                            optimizer_backend=self.settings.optimizer_backend)
 
     # -- reading ----------------------------------------------------------------------------
     def recover(self) -> None:
@@ -861,7 +865,7 @@ class ModelWorker:
         if self.dirty:
             self.checkpoint()
         self.flush_acks()
-        trainer = ModelTrainer(self.config, self.device)
+        trainer = self._build_trainer()
         try:
             trainer.restore(self.store.read(target))
         except SnapshotError as exc:
