@@ -20,6 +20,7 @@ Run::
     python benchmarks/bench_stream.py --quick
     python benchmarks/bench_stream.py --spec mlp:128,128 --features 19 --classes 7
     python benchmarks/bench_stream.py --device cuda    # all three on the GPU (pinned copies)
+    python benchmarks/bench_stream.py --optimizer-backend eager   # torch ops for the step
 
 On a GPU each runner synchronises at the end of its chunk, so queued kernels are counted.
 """
@@ -60,6 +61,8 @@ def _data(n: int, features: int, classes: int, seed: int = 0) -> tuple[np.ndarra
 
 
 DEVICE = torch.device("cpu")
+#: ``--optimizer-backend``: ProjectedSGD's backend in all three runners.
+BACKEND = "auto"
 
 
 def sync() -> None:
@@ -71,7 +74,7 @@ class StepRunner:
     """``normprop.train_step`` alone on ready-made tensors (the model's ceiling)."""
 
     def __init__(self, cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int) -> None:
-        self.trainer = ModelTrainer(cfg, DEVICE)
+        self.trainer = ModelTrainer(cfg, DEVICE, optimizer_backend=BACKEND)
         lr = normprop.scaled_lr(cfg.lr, batch, cfg.lr_scaling)
         self.trainer.optimizer.param_groups[0]["lr"] = lr
         xs, ys = torch.from_numpy(x).to(DEVICE), torch.from_numpy(y).long().to(DEVICE)
@@ -93,7 +96,7 @@ class TrainerRunner:
     """``ModelTrainer.train_batch`` on decoded samples (adds collation, scoring, counters)."""
 
     def __init__(self, cfg: ModelConfig, x: np.ndarray, y: np.ndarray, batch: int) -> None:
-        self.trainer = ModelTrainer(cfg, DEVICE)
+        self.trainer = ModelTrainer(cfg, DEVICE, optimizer_backend=BACKEND)
         samples = [Sample(x[i], int(y[i])) for i in range(len(x))]
         self.groups = [samples[i:i + batch] for i in range(0, len(samples), batch)]
         self.batch, self.pos = batch, 0
@@ -127,6 +130,7 @@ class StreamRunner:
         pipe.execute()
         settings = Settings(redis_url=url, models=[cfg], data_dir=data_dir,
                             device=DEVICE.type,  # type: ignore[arg-type]
+                            optimizer_backend=BACKEND,  # type: ignore[arg-type]
                             worker_metrics_port=0, consumer_name="bench")
         self.metrics = WorkerMetrics()
         self.worker = ModelWorker(settings, cfg, self.metrics, threading.Event(), "bench")
@@ -163,9 +167,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: 2-core box)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--optimizer-backend", default="auto",
+                        choices=("auto", "eager", "native", "compile"),
+                        help="ProjectedSGD's backend (NP_OPTIMIZER_BACKEND); auto: native on "
+                             "the CPU")
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, BACKEND
     DEVICE = torch.device(args.device)
+    BACKEND = args.optimizer_backend
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import RedisServer  # a private redis-server, AOF on as in production
@@ -176,7 +185,8 @@ def main() -> None:
     print(f"# bench_stream: {args.spec}, {args.features} features, {args.classes} classes, "
           f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or 'cpu'}"
           f"{', ' + torch.cuda.get_device_name(DEVICE) if DEVICE.type == 'cuda' else ''}"
-          f", redis AOF everysec, checkpoint defaults (every 500 steps / 2 s, fsync)")
+          f", redis AOF everysec, checkpoint defaults (every 500 steps / 2 s, fsync)"
+          f", ProjectedSGD backend {args.optimizer_backend!r}")
     print(f"{'max_batch':>9} {'step/s':>10} {'trainer/s':>10} {'stream/s':>10} "
           f"{'stream/step':>11} {'trainer/step':>12}")
     try:
