@@ -89,6 +89,7 @@ def _remember_norms(link: StepLink, weight: Tensor) -> None:
     (about half the cost of reading them in the forward, for the MLP of the benchmark)."""
     link.next_norms = torch.linalg.vector_norm(weight, dim=1)
     link.next_key = (weight._version, weight.data_ptr())
+    link.next_prepared = None
 
 
 class ProjectedSGD(Optimizer):
@@ -217,11 +218,15 @@ class ProjectedSGD(Optimizer):
             _remember_norms(link, p)
 
     def _native_step(self) -> None:
-        """NormProp weights through the C kernel (each one pass, new norms included); gamma,
-        beta and the rest through torch's fused SGD kernel (:meth:`_one_pass_group`)."""
+        """gamma, beta and the rest first, through torch's fused SGD kernel
+        (:meth:`_one_pass_group`); then each NormProp weight through the C kernel: one pass,
+        which also gives the next forward its row norms and, from the new gamma and beta, its
+        per-row constants of eq. 9."""
         for group in self.param_groups:
             if group["kind"] != "fused":
                 self._one_pass_group(group)
+        for group in self.param_groups:
+            if group["kind"] != "fused":
                 continue
             lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -230,15 +235,26 @@ class ProjectedSGD(Optimizer):
                 link = self._link_of(p)
                 raw, norms, tangent = p.grad, link.norms, link.tangent
                 buf = self._momentum_buffer(p) if mu != 0 else None
-                link.norms = link.tangent = None
-                if native.supports(p, raw, norms, tangent, *([] if buf is None else [buf])):
-                    link.next_norms = native.projected_sgd_rows_(p, raw, buf, norms, tangent,
-                                                                 lr, mu, lam)
-                    link.next_key = (p._version, p.data_ptr())
-                else:  # e.g. bfloat16 or a non-contiguous weight: the same step in torch ops
+                link.norms = link.tangent = link.prepared = None
+                if not native.supports(p, raw, norms, tangent, *([] if buf is None else [buf])):
+                    # e.g. bfloat16 or a non-contiguous weight: the same step in torch ops
                     _fused_update([p], [raw], [torch.zeros_like(p) if buf is None else buf],
                                   [norms], [tangent], [], [], [], [], lr, mu, lam)
                     _remember_norms(link, p)
+                    continue
+                layer, consts = self._owner[id(p)], link.consts
+                gamma, beta = layer.gamma, layer.beta
+                affine = None
+                if consts is not None and native.supports(p, gamma, beta):
+                    affine = (gamma, beta, *consts[:3])
+                rows, nonzero = native.projected_sgd_rows_(p, raw, buf, norms, tangent, lr, mu,
+                                                           lam, affine)
+                link.next_norms = rows[0]
+                link.next_key = (p._version, p.data_ptr())
+                link.next_prepared = None if affine is None else (rows[1], rows[2], rows[3],
+                                                                  nonzero)
+                link.next_prepared_key = (gamma._version, beta._version, gamma.data_ptr(),
+                                          beta.data_ptr(), consts)
         self._project_filters()
 
     def _one_pass_group(self, group: dict) -> None:

@@ -143,13 +143,15 @@ class StepLink:
             leaves the product
             ``k_i (G^T x)_i`` in ``weight.grad`` and the tangent coefficient in ``tangent``.
         norms: ``||W_i||`` as the last training forward read them (the step needs them).
+        consts, prepared: see ``__init__``.
         tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
         owner: a weak reference to the optimiser: once it is gone the layer goes back to the
             plain backward by itself (``weight.grad`` is the gradient again), as after
             :meth:`~normprop.fused_sgd.ProjectedSGD.detach`.
     """
 
-    __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key", "owner")
+    __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key", "owner",
+                 "consts", "prepared", "next_prepared", "next_prepared_key")
 
     def __init__(self, decay: float, raw: bool,
                  owner: Callable[[], object | None] = lambda: True) -> None:
@@ -160,6 +162,15 @@ class StepLink:
         # forward -- valid while W's storage and autograd version are those in ``next_key``.
         self.next_norms: Tensor | None = None
         self.next_key: tuple[int, int] | None = None
+        # The layer's ``(eps, inv_c1, c2, floor)`` (set by each training forward), and the
+        # per-row ``(r, k, shift, all gamma != 0)`` of eq. 9 that the native step computed with
+        # the new norms (``next_prepared``), valid while gamma, beta and the constants are
+        # those in ``next_prepared_key`` and the norms are the step's; ``prepared`` is what
+        # the current forward takes (``None``: it computes them).
+        self.consts: tuple[float, float, float, float | None] | None = None
+        self.prepared: tuple[Tensor, Tensor, Tensor, bool] | None = None
+        self.next_prepared: tuple[Tensor, Tensor, Tensor, bool] | None = None
+        self.next_prepared_key: tuple | None = None
 
 
 class _NormPropLinearRows(torch.autograd.Function):
@@ -178,12 +189,15 @@ class _NormPropLinearRows(torch.autograd.Function):
                 consts: tuple[float, float, float, float | None], unit_rows: bool,
                 link: StepLink | None) -> Tensor:
         eps, inv_c1, c2, floor = consts
+        prepared = None
         # Known unit rows (n_i = 1): r is the scalar 1 + eps, no per-row tensors.
         if link is not None:
-            norms = link.norms
+            norms, prepared = link.norms, link.prepared
         else:
             norms = None if unit_rows else torch.linalg.vector_norm(weight, dim=1)
-        if norms is None:
+        if prepared is not None:  # r, k, shift from the native step (the same formulas)
+            r, k, shift, nonzero = prepared
+        elif norms is None:
             r = 1.0 + eps
             k = gamma * (inv_c1 / r)
         else:
@@ -192,16 +206,15 @@ class _NormPropLinearRows(torch.autograd.Function):
             if inv_c1 != 1.0:
                 k.mul_(inv_c1)
         z = x.mm(weight.t())  # W_i . x
-        if inv_c1 == 1.0 and c2 == 0.0:
-            shift = beta
-        else:
-            shift = torch.sub(beta, c2).mul_(inv_c1)
+        if prepared is None:
+            shift = beta if inv_c1 == 1.0 and c2 == 0.0 else torch.sub(beta, c2).mul_(inv_c1)
         # The backward needs u_i = k_i sum_b g_bi z_bi. Where out = k z + shift (g = 0 where the
         # clamp bit), u = sum_b g_bi (out_bi - shift_i): read from ``out``, which the ReLU
         # backward has just read, instead of keeping z -- one activation fewer in memory and a
         # cold read fewer. d gamma = u / gamma then needs gamma != 0, and the test is a host
         # sync, so this is the CPU path; a GPU, or a zero gamma, keeps z.
-        via_out = x.device.type == "cpu" and bool(gamma.all())
+        via_out = x.device.type == "cpu" and (
+            nonzero if prepared is not None else bool(gamma.all()))
         out = torch.addcmul(shift, z, k, out=z) if via_out else torch.addcmul(shift, z, k)
         if floor is not None:
             out.clamp_min_(floor)
@@ -470,6 +483,13 @@ class NormPropLinear(nn.Linear, NormPropLayer):
             # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
             relu = self._fused_relu
             consts = (self.eps, *relu[:2], relu[2]) if relu else (self.eps, 1.0, 0.0, None)
+            if link is not None:
+                link.consts = consts
+                gamma, beta = self.gamma, self.beta
+                link.prepared = link.next_prepared if (
+                    link.norms is link.next_norms and link.next_prepared_key == (
+                        gamma._version, beta._version, gamma.data_ptr(), beta.data_ptr(),
+                        consts)) else None
             out = _NormPropLinearRows.apply(x if x.dim() == 2 else x.reshape(rows, -1),
                                             self.weight, self.gamma, self.beta, consts, unit,
                                             link)

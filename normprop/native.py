@@ -38,10 +38,12 @@ from torch import Tensor
 __all__ = ["available", "projected_sgd_rows_", "supports", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "projected_sgd.c"
-_ABI = 1
-# -O3 vectorises the row loops with the baseline ISA (no -march=native: a library cached in a
-# shared home directory must run on every machine that reads it; the loop is memory-bound, and
-# AVX2 gained nothing measurable). No -ffp-contract: each element rounds as torch's formula does.
+_ABI = 2
+# -O3 vectorises the row loops; no -march=native, since a library cached in a shared home
+# directory must run on every machine that reads it: on x86-64 the source asks GCC for AVX2 and
+# AVX-512 clones of the kernel, picked when the library loads (the MLP benchmark's step: 1.40 ms
+# with the SSE2 baseline alone, 1.09 ms with the clones on an AVX-512 machine; torch's
+# SGD(fused=True) 1.14 ms). No -ffp-contract: each element rounds as torch's formula does.
 _FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-std=c99")
 _KERNELS = {torch.float32: ("normprop_psgd_rows_f32", ctypes.c_float),
             torch.float64: ("normprop_psgd_rows_f64", ctypes.c_double)}
@@ -101,8 +103,9 @@ def _open(path: Path) -> ctypes.CDLL:
         raise OSError(f"{path}: ABI {lib.normprop_psgd_abi()}, expected {_ABI}")
     for symbol, ctype in _KERNELS.values():
         fn = getattr(lib, symbol)
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctype] * 3 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctype] * 3
+                       + [ctypes.c_void_p] * 2 + [ctype] * 3 + [ctypes.c_int])
     return lib
 
 
@@ -134,8 +137,10 @@ def _build_and_open(compiler: list[str], flags: tuple[str, ...], name: str) -> c
 
 
 # OpenMP threads where the compiler has them (torch's own runtime, libgomp, is then the one
-# already loaded); serial otherwise.
-_VARIANTS = ((*_FLAGS, "-fopenmp"), (*_FLAGS, "-Wno-unknown-pragmas"))
+# already loaded), serial otherwise; without the ISA clones where the platform cannot resolve
+# them (no ifunc).
+_VARIANTS = ((*_FLAGS, "-fopenmp"), (*_FLAGS, "-fopenmp", "-DPSGD_NO_CLONES"),
+             (*_FLAGS, "-Wno-unknown-pragmas", "-DPSGD_NO_CLONES"))
 
 
 @functools.cache
@@ -186,13 +191,21 @@ _PARALLEL_MIN = 1 << 16
 
 
 def projected_sgd_rows_(weight: Tensor, raw: Tensor, buf: Tensor | None, norms: Tensor,
-                        tangent: Tensor, lr: float, mu: float, lam: float) -> Tensor:
-    """One ProjectedSGD step of one weight matrix, in place; returns the new row norms.
+                        tangent: Tensor, lr: float, mu: float, lam: float,
+                        affine: tuple[Tensor, Tensor, float, float, float] | None = None,
+                        ) -> tuple[Tensor, bool]:
+    """One ProjectedSGD step of one weight matrix, in place.
 
     ``d = n R - (t - lam / n) V``, ``b <- mu b + d``, ``V <- V - lr n b`` (``buf=None``: no
-    momentum, ``b = d``), then ``||V_i||``; see ``csrc/projected_sgd.c``. ``weight``'s autograd
-    version is bumped, as any in-place op would (the write goes around autograd). The caller
-    checks :func:`supports` first.
+    momentum, ``b = d``), then ``||V_i||``; see ``csrc/projected_sgd.c``. With
+    ``affine = (gamma, beta, eps, inv_c1, c2)`` (gamma and beta already stepped) it also gives
+    the next forward's per-row constants of eq. 9.
+
+    Returns ``(rows, nonzero)``: ``rows[0]`` the new row norms, and with ``affine``
+    ``rows[1:4]`` = ``r = n + eps``, ``k = gamma / r * inv_c1``, ``shift = (beta - c2) inv_c1``;
+    ``nonzero`` whether every ``gamma_i != 0``. ``weight``'s (and ``buf``'s) autograd version is
+    bumped, as any in-place op would (the write goes around autograd). The caller checks
+    :func:`supports` first (the affine tensors included).
     """
     lib = _library()
     if lib is None:
@@ -201,13 +214,19 @@ def projected_sgd_rows_(weight: Tensor, raw: Tensor, buf: Tensor | None, norms: 
     m = weight.shape[0]
     n = weight.numel() // max(m, 1)
     norms, tangent = norms.contiguous(), tangent.contiguous()
-    out = torch.empty(m, dtype=weight.dtype)
+    out = torch.empty(1 if affine is None else 4, m, dtype=weight.dtype)
+    gamma = beta = None
+    eps, inv_c1, c2 = 0.0, 1.0, 0.0
+    if affine is not None:
+        gamma, beta, eps, inv_c1, c2 = affine
+        gamma, beta = gamma.detach().contiguous(), beta.detach().contiguous()
     threads = torch.get_num_threads() if weight.numel() >= _PARALLEL_MIN else 1
-    getattr(lib, symbol)(weight.data_ptr(), raw.data_ptr(),
-                         None if buf is None else buf.data_ptr(), norms.data_ptr(),
-                         tangent.data_ptr(), out.data_ptr(), m, n, ctype(lr), ctype(mu),
-                         ctype(lam), threads)
+    nonzero = getattr(lib, symbol)(
+        weight.data_ptr(), raw.data_ptr(), None if buf is None else buf.data_ptr(),
+        norms.data_ptr(), tangent.data_ptr(), out.data_ptr(), m, n, ctype(lr), ctype(mu),
+        ctype(lam), None if gamma is None else gamma.data_ptr(),
+        None if beta is None else beta.data_ptr(), ctype(eps), ctype(inv_c1), ctype(c2), threads)
     torch.autograd.graph.increment_version(weight)
     if buf is not None:
         torch.autograd.graph.increment_version(buf)
-    return out
+    return out, bool(nonzero)

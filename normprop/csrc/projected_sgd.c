@@ -7,7 +7,16 @@
  *     d_i = n_i R_i - (t_i - lam / n_i) V_i        the SGD direction in unit space, decay included
  *     b_i <- mu b_i + d_i                          torch SGD's momentum (b = NULL: mu = 0, b_i = d_i)
  *     V_i <- V_i - lr n_i b_i                      direction P(w_i - lr b_i): the projected step
- *     out_norms_i = ||V_i||                        for the next forward, summed while V_i is in L1
+ *     out[0][i] = n'_i = ||V_i||                   for the next forward, summed while V_i is in L1
+ *
+ * and, when gamma is given (already stepped), the per-row constants of the next forward's eq. 9
+ * for out = clamp(k_i (W_i . x) + shift_i) (normprop/layers.py, _NormPropLinearRows), in the
+ * order torch's ops round them:
+ *
+ *     out[1][i] = r_i = n'_i + eps,  out[2][i] = k_i = (gamma_i / r_i) inv_c1,
+ *     out[3][i] = shift_i = (beta_i - c2) inv_c1   (beta_i itself when inv_c1 = 1, c2 = 0)
+ *
+ * returning 1 when every gamma_i is non-zero (the backward may then read u from the output).
  *
  * Rows are independent: they are split over `threads` OpenMP threads, and each row's sum runs in
  * one thread in a fixed order, so the result does not depend on the thread count. Built without
@@ -16,12 +25,25 @@
 #include <math.h>
 #include <stdint.h>
 
+/* x86-64: one build for every machine, with the row loops also compiled for AVX2 and AVX-512
+ * and the best one picked when the library loads (GCC's function multi-versioning); the
+ * baseline build alone is SSE2, half of AVX2's width. Elsewhere, or with -DPSGD_NO_CLONES (a
+ * libc without ifunc), the compiler's baseline. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(PSGD_NO_CLONES)
+#define PSGD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PSGD_CLONES
+#endif
+
 #define PSGD_ROWS(NAME, T, SQRT, TINY)                                                         \
-    void NAME(T *restrict v, const T *restrict raw, T *restrict b, const T *restrict norms,    \
-              const T *restrict tangent, T *restrict out_norms, int64_t m, int64_t n, T lr,    \
-              T mu, T lam, int threads) {                                                      \
+    PSGD_CLONES int NAME(T *restrict v, const T *restrict raw, T *restrict b, const T *restrict norms,     \
+             const T *restrict tangent, T *restrict out, int64_t m, int64_t n, T lr, T mu,     \
+             T lam, const T *restrict gamma, const T *restrict beta, T eps, T inv_c1, T c2,    \
+             int threads) {                                                                    \
         int64_t i;                                                                             \
-        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")      \
+        int zero = 0;                                                                          \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1) reduction(|:zero)") \
         for (i = 0; i < m; i++) {                                                              \
             const T ni = norms[i] > (TINY) ? norms[i] : (TINY);                                \
             const T c = tangent[i] - lam / ni;                                                 \
@@ -47,12 +69,25 @@
                     acc += vj * vj;                                                            \
                 }                                                                              \
             }                                                                                  \
-            out_norms[i] = SQRT(acc);                                                          \
+            const T norm = SQRT(acc);                                                          \
+            out[i] = norm;                                                                     \
+            if (gamma) {                                                                       \
+                const T r = norm + eps;                                                        \
+                T k = gamma[i] / r;                                                            \
+                T shift = beta[i];                                                             \
+                if (inv_c1 != (T)1) k = k * inv_c1;                                            \
+                if (inv_c1 != (T)1 || c2 != (T)0) shift = (shift - c2) * inv_c1;              \
+                out[m + i] = r;                                                                \
+                out[2 * m + i] = k;                                                            \
+                out[3 * m + i] = shift;                                                        \
+                zero |= gamma[i] == (T)0;                                                      \
+            }                                                                                  \
         }                                                                                      \
+        return !zero;                                                                          \
     }
 
 PSGD_ROWS(normprop_psgd_rows_f32, float, sqrtf, 1.17549435082228750797e-38f)
 PSGD_ROWS(normprop_psgd_rows_f64, double, sqrt, 2.22507385850720138309e-308)
 
 /* Lets the loader check that it has this file's ABI (bumped with any signature change). */
-int normprop_psgd_abi(void) { return 1; }
+int normprop_psgd_abi(void) { return 2; }

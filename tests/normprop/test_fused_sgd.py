@@ -157,6 +157,41 @@ def test_the_next_forward_uses_the_norms_the_step_took_and_only_while_valid(back
     assert torch.allclose(out, layer(x), atol=1e-12)
 
 
+def _assert_eq9(layer: NormPropLinear, inputs: torch.Tensor, prepared: bool) -> None:
+    """The layer's training forward takes the step's constants (or not), and computes what the
+    composite formula computes."""
+    link = layer.fused_link
+    out = layer(inputs)
+    assert (link.prepared is not None) == prepared
+    if prepared:
+        assert link.prepared is link.next_prepared
+    layer.fast_path = False
+    assert torch.allclose(out, layer(inputs), atol=1e-12)
+    layer.fast_path = True
+
+
+def test_the_native_step_hands_the_forward_its_constants_and_only_while_valid() -> None:
+    """The C step computes each layer's r, k and shift of eq. 9 from the new norms, gamma and
+    beta; the next forward takes them -- until gamma, beta or the weight change, when it
+    computes them again. Either way the layer computes eq. 9 for its parameters as they are."""
+    torch.manual_seed(0)
+    net = build_model("mlp:12,12", 6, 3).double()
+    opt = ProjectedSGD(net, lr=0.3, backend="native")
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    train_step(net, opt, x, y, project=False)
+    h = torch.randn(4, 6, dtype=torch.float64)  # 4 rows < 6 inputs: the output-side path
+    for layer, inputs in ((opt.fused_layers[0], h), (opt.fused_layers[-1], torch.randn(
+            4, 12, dtype=torch.float64))):  # a ReLU layer, and the output layer
+        _assert_eq9(layer, inputs, prepared=True)
+        with torch.no_grad():
+            layer.gamma[0] += 0.5
+        _assert_eq9(layer, inputs, prepared=False)
+    opt.zero_grad()
+    train_step(net, opt, x, y, project=False)  # the next step prepares them again
+    opt.fused_layers[0](h)
+    assert opt.fused_layers[0].fused_link.prepared is not None
+
+
 # -- native and compile: the step of a weight as one loop (C kernel / torch.compile) -----------
 
 

@@ -54,14 +54,40 @@ def test_kernel_rounds_as_the_torch_formula(dtype, momentum) -> None:
     # is reciprocal-then-multiply in torch, which rounds differently from a division).
     scalars = [torch.tensor(s, dtype=dtype) for s in (lr, momentum, lam)]
     _fused_update([v2], [raw], [buf2], [norms], [tangent], [], [], [], [], *scalars)
-    new_norms = native.projected_sgd_rows_(v, raw, buf if momentum else None, norms, tangent,
-                                           lr, momentum, lam)
+    rows, _ = native.projected_sgd_rows_(v, raw, buf if momentum else None, norms, tangent,
+                                         lr, momentum, lam)
+    assert rows.shape == (1, 37)
     assert torch.equal(v, v2)
     if momentum:
         assert torch.equal(buf, buf2)
     eps = torch.finfo(dtype).eps
-    assert torch.allclose(new_norms, v.norm(dim=1), rtol=16 * eps, atol=0)
+    assert torch.allclose(rows[0], v.norm(dim=1), rtol=16 * eps, atol=0)
     assert not torch.equal(v, _step_tensors(37, 300, dtype)[0])  # it did move
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("consts", [(1e-12, 1.7, 0.4), (1e-6, 1.0, 0.0)])
+def test_kernel_gives_the_next_forwards_constants_as_the_layer_computes_them(dtype,
+                                                                            consts) -> None:
+    """``r = n + eps``, ``k = gamma / r * inv_c1``, ``shift = (beta - c2) inv_c1`` from the
+    new norms, bit for bit as ``_NormPropLinearRows.forward`` computes them in torch ops (ReLU's
+    constants, and an activation without them); the flag says whether a gamma is zero."""
+    v, raw, buf, norms, tangent = _step_tensors(37, 300, dtype)
+    g = torch.Generator().manual_seed(4)
+    gamma, beta = torch.rand(37, dtype=dtype, generator=g) + 0.5, torch.randn(37, dtype=dtype)
+    eps, inv_c1, c2 = consts
+    rows, nonzero = native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.05, 0.9, 5e-3,
+                                               (gamma, beta, eps, inv_c1, c2))
+    assert nonzero
+    r = rows[0] + eps
+    k = torch.div(gamma, r)
+    if inv_c1 != 1.0:
+        k.mul_(inv_c1)
+    shift = beta if inv_c1 == 1.0 and c2 == 0.0 else torch.sub(beta, c2).mul_(inv_c1)
+    assert torch.equal(rows[1], r) and torch.equal(rows[2], k) and torch.equal(rows[3], shift)
+    gamma[17] = 0.0
+    assert not native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.05, 0.9, 5e-3,
+                                          (gamma, beta, eps, inv_c1, c2))[1]
 
 
 def test_kernel_result_does_not_depend_on_the_thread_count() -> None:
@@ -73,7 +99,9 @@ def test_kernel_result_does_not_depend_on_the_thread_count() -> None:
             torch.set_num_threads(threads)
             v, raw, buf, norms, tangent = _step_tensors(512, 256, torch.float32, seed=3)
             assert v.numel() >= native._PARALLEL_MIN  # large enough to be split
-            out = native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.1, 0.9, 5e-4)
+            gamma, beta = torch.ones(512), torch.zeros(512)
+            out, _ = native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.1, 0.9, 5e-4,
+                                                (gamma, beta, 1e-12, 1.7, 0.4))
             results.append((v, buf, out))
     finally:
         torch.set_num_threads(before)
@@ -127,6 +155,25 @@ def test_the_build_is_cached_across_processes(fresh_build, monkeypatch) -> None:
     assert native.available()
     assert log.read_text().splitlines() == builds  # loaded, not rebuilt
     assert list((fresh_build / "cache").iterdir()) == [built]  # no temporary files left
+
+
+def test_a_compiler_that_cannot_build_the_isa_clones_gets_the_plain_build(fresh_build,
+                                                                         monkeypatch) -> None:
+    """A platform without ifunc (musl, say) fails on the AVX2/AVX-512 clones: the loader then
+    builds without them instead of giving up on the kernel."""
+    log = fresh_build / "cc.log"
+    wrapper = fresh_build / "cc-no-ifunc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                       'case "$*" in *PSGD_NO_CLONES*) exec cc "$@";; esac\n'
+                       'echo "error: the call requires ifunc" >&2; exit 1\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.available()
+    builds = log.read_text().splitlines()
+    assert len(builds) == 2 and "-DPSGD_NO_CLONES" in builds[1] and "-fopenmp" in builds[1]
+    v, raw, buf, norms, tangent = _step_tensors(5, 7, torch.float64)
+    rows, _ = native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.1, 0.9, 0.0)
+    assert torch.allclose(rows[0], v.norm(dim=1), rtol=1e-14, atol=0)
 
 
 def test_a_library_in_the_cache_needs_no_compiler(fresh_build, monkeypatch) -> None:
