@@ -247,8 +247,8 @@ class ProjectedSGD(Optimizer):
                 affine = None
                 if consts is not None and native.supports(p, gamma, beta):
                     affine = (gamma, beta, *consts[:3])
-                rows, nonzero = native.projected_sgd_rows_(p, raw, buf, norms, tangent, lr, mu,
-                                                           lam, affine)
+                rows, nonzero = native._rows_unchecked(p, raw, buf, norms, tangent, lr, mu,
+                                                       lam, affine)
                 link.next_norms = rows[0]
                 link.next_key = (p._version, p.data_ptr())
                 link.next_prepared = None if affine is None else (rows[1], rows[2], rows[3],
@@ -267,11 +267,21 @@ class ProjectedSGD(Optimizer):
         if not all(p.device.type in _FUSED_SGD_DEVICES and p.is_floating_point() for p in params):
             self._foreach_group(group)
             return
-        mu = group["momentum"]
-        bufs = [self._momentum_buffer(p) for p in params] if mu != 0 else [None] * len(params)
+        mu, lr = group["momentum"], group["lr"]
         lam = group["weight_decay"] if group["kind"] == "decay" else 0.0
-        sgd(params, [p.grad for p in params], bufs, fused=True, weight_decay=lam,
-            momentum=mu, lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
+        grads = [p.grad for p in params]
+        first = params[0]
+        if mu != 0 and hasattr(torch, "_fused_sgd_") and all(
+                t.device == first.device and t.dtype == first.dtype for t in params + grads):
+            # torch.optim.sgd.sgd(fused=True) would group by device and dtype first: ~50 us of
+            # Python per step in the worker's batch-1 loop for the one group it would find.
+            torch._fused_sgd_(params, grads, [self._momentum_buffer(p) for p in params],
+                              weight_decay=lam, momentum=mu, lr=lr, dampening=0.0,
+                              nesterov=False, maximize=False, is_first_step=False)
+            return
+        bufs = [self._momentum_buffer(p) for p in params] if mu != 0 else [None] * len(params)
+        sgd(params, grads, bufs, fused=True, weight_decay=lam, momentum=mu, lr=lr,
+            dampening=0.0, nesterov=False, maximize=False)
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         """``b`` of ``p``, made as zeros on first use: ``d + mu 0 = d`` is torch SGD's first

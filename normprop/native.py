@@ -180,10 +180,15 @@ def unavailable_reason() -> str | None:
 
 def supports(*tensors: Tensor) -> bool:
     """Whether the kernel can take these tensors: CPU, contiguous, float32 or float64, one
-    dtype."""
+    dtype. (Checked once per weight per step, so written for host time: ``is_cpu`` instead of
+    ``device.type``.)"""
     dtype = tensors[0].dtype
-    return dtype in _KERNELS and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+    if dtype not in _KERNELS:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 # Below this many elements one thread does the whole matrix: waking a team costs more.
@@ -204,29 +209,57 @@ def projected_sgd_rows_(weight: Tensor, raw: Tensor, buf: Tensor | None, norms: 
     Returns ``(rows, nonzero)``: ``rows[0]`` the new row norms, and with ``affine``
     ``rows[1:4]`` = ``r = n + eps``, ``k = gamma / r * inv_c1``, ``shift = (beta - c2) inv_c1``;
     ``nonzero`` whether every ``gamma_i != 0``. ``weight``'s (and ``buf``'s) autograd version is
-    bumped, as any in-place op would (the write goes around autograd). The caller checks
-    :func:`supports` first (the affine tensors included).
+    bumped, as any in-place op would (the write goes around autograd).
+
+    Raises:
+        ValueError: tensors the kernel cannot take (see :func:`supports`) or whose shapes do
+            not fit ``weight`` -- checked here, since the C code trusts them.
+        RuntimeError: the kernel is not available (see :func:`unavailable_reason`).
     """
+    m = weight.shape[0] if weight.dim() else 0
+    rows_of = [norms, tangent] + ([] if affine is None else list(affine[:2]))
+    full = [raw] + ([] if buf is None else [buf])
+    if weight.dim() < 2 or any(t.shape != weight.shape for t in full) or any(
+            t.shape != (m,) for t in rows_of):
+        raise ValueError(f"projected_sgd_rows_: weight (m, ...) {tuple(weight.shape)} needs raw "
+                         f"and buf of its shape and norms, tangent, gamma, beta of shape ({m},)")
+    if not supports(weight, *full, *rows_of):
+        raise ValueError("projected_sgd_rows_ takes contiguous CPU float32 or float64 tensors "
+                         "of one dtype")
+    return _rows_unchecked(weight, raw, buf, norms, tangent, lr, mu, lam, affine)
+
+
+def _rows_unchecked(weight: Tensor, raw: Tensor, buf: Tensor | None, norms: Tensor,
+                    tangent: Tensor, lr: float, mu: float, lam: float,
+                    affine: tuple[Tensor, Tensor, float, float, float] | None,
+                    ) -> tuple[Tensor, bool]:
+    """:func:`projected_sgd_rows_` for a caller that has checked the tensors (ProjectedSGD,
+    whose tensors come from the layer and its backward): the per-step host time matters at
+    batch size 1."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the native ProjectedSGD step is not available: {_unavailable}")
-    symbol, ctype = _KERNELS[weight.dtype]
+    fn, ctype = _functions(lib)[weight.dtype]
     m = weight.shape[0]
-    n = weight.numel() // max(m, 1)
-    norms, tangent = norms.contiguous(), tangent.contiguous()
     out = torch.empty(1 if affine is None else 4, m, dtype=weight.dtype)
-    gamma = beta = None
-    eps, inv_c1, c2 = 0.0, 1.0, 0.0
-    if affine is not None:
+    if affine is None:
+        gamma_ptr = beta_ptr = None
+        eps, inv_c1, c2 = 0.0, 1.0, 0.0
+    else:
         gamma, beta, eps, inv_c1, c2 = affine
-        gamma, beta = gamma.detach().contiguous(), beta.detach().contiguous()
-    threads = torch.get_num_threads() if weight.numel() >= _PARALLEL_MIN else 1
-    nonzero = getattr(lib, symbol)(
-        weight.data_ptr(), raw.data_ptr(), None if buf is None else buf.data_ptr(),
-        norms.data_ptr(), tangent.data_ptr(), out.data_ptr(), m, n, ctype(lr), ctype(mu),
-        ctype(lam), None if gamma is None else gamma.data_ptr(),
-        None if beta is None else beta.data_ptr(), ctype(eps), ctype(inv_c1), ctype(c2), threads)
+        gamma_ptr, beta_ptr = gamma.data_ptr(), beta.data_ptr()
+    numel = weight.numel()
+    threads = torch.get_num_threads() if numel >= _PARALLEL_MIN else 1
+    nonzero = fn(weight.data_ptr(), raw.data_ptr(), None if buf is None else buf.data_ptr(),
+                 norms.data_ptr(), tangent.data_ptr(), out.data_ptr(), m, numel // max(m, 1),
+                 ctype(lr), ctype(mu), ctype(lam), gamma_ptr, beta_ptr, ctype(eps),
+                 ctype(inv_c1), ctype(c2), threads)
     torch.autograd.graph.increment_version(weight)
     if buf is not None:
         torch.autograd.graph.increment_version(buf)
     return out, bool(nonzero)
+
+
+@functools.cache
+def _functions(lib: ctypes.CDLL) -> dict[torch.dtype, tuple[ctypes._CFuncPtr, type]]:
+    return {dtype: (getattr(lib, symbol), ctype) for dtype, (symbol, ctype) in _KERNELS.items()}

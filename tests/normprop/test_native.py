@@ -90,6 +90,32 @@ def test_kernel_gives_the_next_forwards_constants_as_the_layer_computes_them(dty
                                           (gamma, beta, eps, inv_c1, c2))[1]
 
 
+@pytest.mark.parametrize("spoil", ["transposed", "float16", "short buffer", "short norms",
+                                   "short gamma", "vector"])
+def test_kernel_refuses_what_it_cannot_take_and_touches_nothing(spoil) -> None:
+    """The C code trusts its pointers, so the public call checks layout, dtype and shapes
+    first and raises before writing anything."""
+    v, raw, buf, norms, tangent = _step_tensors(6, 5, torch.float32)
+    gamma, beta = torch.ones(6), torch.zeros(6)
+    if spoil == "transposed":
+        raw = raw.t().contiguous().t()
+    elif spoil == "float16":
+        buf = buf.half()
+    elif spoil == "short buffer":
+        buf = buf[:5]
+    elif spoil == "short norms":
+        norms = norms[:5]
+    elif spoil == "short gamma":
+        gamma = gamma[:5]
+    else:
+        v, raw, buf = v[0], raw[0], buf[0]
+    before = v.clone()
+    with pytest.raises(ValueError, match="projected_sgd_rows_"):
+        native.projected_sgd_rows_(v, raw, buf, norms, tangent, 0.1, 0.9, 0.0,
+                                   (gamma, beta, 1e-12, 1.0, 0.0))
+    assert torch.equal(v, before)
+
+
 def test_kernel_result_does_not_depend_on_the_thread_count() -> None:
     """Rows are split over threads, each row summed by one thread in a fixed order."""
     before = torch.get_num_threads()
