@@ -151,6 +151,7 @@ class ProjectedSGD(Optimizer):
         raw = self.backend != "eager"
         for m in self.fused_layers:
             m.fused_link = StepLink(weight_decay, raw=raw, owner=weakref.ref(self))
+            m.fused_link.native = self.backend == "native"
         self._owner = {id(m.weight): m for m in self.fused_layers}
         self.foreach = foreach
         self._update: Callable[..., None] | None = None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .activations import Activation, activation_stats
 
 __all__ = ["NormPropLinear", "NormPropConv2d", "NormPropLayer", "StepLink", "glorot_normal_"]
@@ -151,11 +152,13 @@ class StepLink:
     """
 
     __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key", "owner",
-                 "consts", "prepared", "next_prepared", "next_prepared_key")
+                 "consts", "prepared", "next_prepared", "next_prepared_key", "native")
 
     def __init__(self, decay: float, raw: bool,
                  owner: Callable[[], object | None] = lambda: True) -> None:
         self.decay, self.raw, self.owner = decay, raw, owner
+        #: ProjectedSGD's native backend: the backward's activation-sized part runs in C too.
+        self.native = False
         self.norms: Tensor | None = None
         self.tangent: Tensor | None = None
         # ``||W_i||`` taken by the step right after it wrote W (still in cache), for the next
@@ -238,11 +241,14 @@ class _NormPropLinearRows(torch.autograd.Function):
             norms, r = rest
         else:  # unit rows: n_i = 1, r_i = 1 + eps
             r, norms = ctx.r, None
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        inv_c1, link = ctx.inv_c1, ctx.link
+        if (via_out and link is not None and link.native and link.raw and rest
+                and native.supports(grad, out, k, saved[4], saved[5], r)):
+            return _native_rows_backward(ctx, grad, x, weight, k, out, saved[4], saved[5], r)
         if ctx.floor is not None:
             # relu'(p) = 1(p > 0), and p > 0 exactly where the clamp did not bite.
             grad = torch.ops.aten.threshold_backward(grad, out, ctx.floor)
-        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        inv_c1, link = ctx.inv_c1, ctx.link
         d_x = d_w = d_gamma = d_beta = None
         gz = grad * k
         if need_x:
@@ -280,6 +286,24 @@ class _NormPropLinearRows(torch.autograd.Function):
         if need_beta:
             d_beta = g_sum.mul_(inv_c1) if inv_c1 != 1.0 else g_sum
         return d_x, d_w, d_gamma, d_beta, None, None, None
+
+
+def _native_rows_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, k: Tensor,
+                          out: Tensor, shift: Tensor, gamma: Tensor,
+                          r: Tensor) -> tuple[Tensor | None, ...]:
+    """``_NormPropLinearRows.backward`` under ProjectedSGD's native backend: the ReLU mask,
+    ``g k``, the sums for ``d gamma``, ``d beta`` and the tangent in one C pass
+    (:func:`normprop.native._layer_backward`, nine small torch ops otherwise), then the two
+    matmuls. The same numbers as the torch-op path to rounding (tested)."""
+    need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+    gz, stats = native._layer_backward(grad, out, k, shift, gamma, r, ctx.floor, ctx.inv_c1)
+    d_w = None
+    if need_w:
+        d_w = gz.t().mm(x)  # k_i (G^T x)_i; the rest in ProjectedSGD's step
+        link = ctx.link
+        link.tangent = stats[1] if link.tangent is None else link.tangent + stats[1]
+    return (gz.mm(weight) if need_x else None, d_w, stats[0] if need_gamma else None,
+            stats[2] if need_beta else None, None, None, None)
 
 
 # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1): the

@@ -38,7 +38,7 @@ from torch import Tensor
 __all__ = ["available", "projected_sgd_rows_", "supports", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "projected_sgd.c"
-_ABI = 2
+_ABI = 3
 # -O3 vectorises the row loops; no -march=native, since a library cached in a shared home
 # directory must run on every machine that reads it: on x86-64 the source asks GCC for AVX2 and
 # AVX-512 clones of the kernel, picked when the library loads (the MLP benchmark's step: 1.40 ms
@@ -47,6 +47,7 @@ _ABI = 2
 _FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-std=c99")
 _KERNELS = {torch.float32: ("normprop_psgd_rows_f32", ctypes.c_float),
             torch.float64: ("normprop_psgd_rows_f64", ctypes.c_double)}
+_BACKWARD = {torch.float32: "normprop_layer_backward_f32", torch.float64: "normprop_layer_backward_f64"}
 _unavailable: str | None = None
 
 
@@ -106,6 +107,11 @@ def _open(path: Path) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctype] * 3
                        + [ctypes.c_void_p] * 2 + [ctype] * 3 + [ctypes.c_int])
+    for dtype, symbol in _BACKWARD.items():
+        fn = getattr(lib, symbol)
+        fn.restype = None
+        fn.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                       + [_KERNELS[dtype][1]] * 2 + [ctypes.c_int])
     return lib
 
 
@@ -263,3 +269,29 @@ def _rows_unchecked(weight: Tensor, raw: Tensor, buf: Tensor | None, norms: Tens
 @functools.cache
 def _functions(lib: ctypes.CDLL) -> dict[torch.dtype, tuple[ctypes._CFuncPtr, type]]:
     return {dtype: (getattr(lib, symbol), ctype) for dtype, (symbol, ctype) in _KERNELS.items()}
+
+
+@functools.cache
+def _backward_functions(lib: ctypes.CDLL) -> dict[torch.dtype, tuple[ctypes._CFuncPtr, type]]:
+    return {dtype: (getattr(lib, symbol), _KERNELS[dtype][1]) for dtype, symbol in
+            _BACKWARD.items()}
+
+
+def _layer_backward(grad: Tensor, out: Tensor, k: Tensor, shift: Tensor, gamma: Tensor,
+                    r: Tensor, floor: float | None, inv_c1: float) -> tuple[Tensor, Tensor]:
+    """The activation-sized part of ``_NormPropLinearRows``' backward in one pass (see
+    ``csrc/projected_sgd.c``): ``gz = g k`` and ``stats = [d gamma, u / r, d beta]``, ``g`` the
+    gradient through the ReLU clamp. The layer calls it only for tensors :func:`supports`
+    takes, with ``grad`` and ``out`` of shape ``(B, m)`` and the rest ``(m,)``."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native ProjectedSGD step is not available: {_unavailable}")
+    fn, ctype = _backward_functions(lib)[grad.dtype]
+    rows, m = grad.shape
+    gz = torch.empty_like(grad)
+    stats = torch.empty(3, m, dtype=grad.dtype)
+    threads = torch.get_num_threads() if grad.numel() >= _PARALLEL_MIN else 1
+    fn(grad.data_ptr(), out.data_ptr(), k.data_ptr(), shift.data_ptr(), gamma.data_ptr(),
+       r.data_ptr(), gz.data_ptr(), stats.data_ptr(), rows, m, floor is not None,
+       ctype(0.0 if floor is None else floor), ctype(inv_c1), threads)
+    return gz, stats

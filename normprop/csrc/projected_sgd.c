@@ -1,4 +1,5 @@
-/* ProjectedSGD's step for one NormPropLinear weight, in one pass over its rows.
+/* ProjectedSGD's step for one NormPropLinear weight, in one pass over its rows (and, at the end
+ * of this file, the part of the layer's backward it drives).
  *
  * For row i of the stored weight V (m rows of n), with n_i = ||V_i|| as the forward read it,
  * R_i = k_i (G^T x)_i the backward's product and t_i its tangent coefficient
@@ -89,5 +90,56 @@
 PSGD_ROWS(normprop_psgd_rows_f32, float, sqrtf, 1.17549435082228750797e-38f)
 PSGD_ROWS(normprop_psgd_rows_f64, double, sqrt, 2.22507385850720138309e-308)
 
+/* The activation-sized part of the layer's backward while ProjectedSGD's native step drives it
+ * (normprop/layers.py, _NormPropLinearRows.backward; out = clamp(k z + shift, floor) saved by
+ * the forward, G the incoming gradient, B rows of m units), in one pass over G and out:
+ *
+ *     g_bi = 0 where out_bi <= floor (has_floor; torch's threshold_backward), else G_bi
+ *     gz_bi = g_bi k_i                               for d x = gz W and the product gz^T x
+ *     u_i = sum_b g_bi out_bi - shift_i sum_b g_bi    = k_i (G_i . W_i)
+ *     stats = [d gamma = u / gamma, tangent = u / r, d beta = inv_c1 sum_b g_bi]
+ *
+ * Columns are split over threads; each column's sums run over b in order in one thread. */
+#define PSGD_LAYER_BACKWARD(NAME, T)                                                           \
+    PSGD_CLONES void NAME(const T *restrict grad, const T *restrict out, const T *restrict k,  \
+                          const T *restrict shift, const T *restrict gamma,                    \
+                          const T *restrict r, T *restrict gz, T *restrict stats, int64_t rows, \
+                          int64_t m, int has_floor, T floor, T inv_c1, int threads) {           \
+        T *gsum = stats + 2 * m; /* d beta's slot holds the sum until the end */               \
+        T *dot = stats; /* d gamma's slot holds sum_b g out until the end */                    \
+        const int64_t chunk = 64;                                                              \
+        const int64_t chunks = (m + chunk - 1) / chunk;                                        \
+        int64_t c;                                                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")      \
+        for (c = 0; c < chunks; c++) {                                                         \
+            const int64_t lo = c * chunk, hi = lo + chunk < m ? lo + chunk : m;                \
+            for (int64_t i = lo; i < hi; i++) {                                                \
+                gsum[i] = 0;                                                                   \
+                dot[i] = 0;                                                                    \
+            }                                                                                  \
+            for (int64_t b = 0; b < rows; b++) {                                               \
+                const T *restrict gr = grad + b * m;                                           \
+                const T *restrict orow = out + b * m;                                          \
+                T *restrict zr = gz + b * m;                                                   \
+                _Pragma("omp simd")                                                            \
+                for (int64_t i = lo; i < hi; i++) {                                            \
+                    const T g = (has_floor && orow[i] <= floor) ? (T)0 : gr[i];                \
+                    zr[i] = g * k[i];                                                          \
+                    gsum[i] += g;                                                              \
+                    dot[i] += g * orow[i];                                                     \
+                }                                                                              \
+            }                                                                                  \
+            for (int64_t i = lo; i < hi; i++) {                                                \
+                const T u = dot[i] - shift[i] * gsum[i];                                       \
+                stats[i] = u / gamma[i];                                                       \
+                stats[m + i] = u / r[i];                                                       \
+                if (inv_c1 != (T)1) gsum[i] = gsum[i] * inv_c1;                                \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+PSGD_LAYER_BACKWARD(normprop_layer_backward_f32, float)
+PSGD_LAYER_BACKWARD(normprop_layer_backward_f64, double)
+
 /* Lets the loader check that it has this file's ABI (bumped with any signature change). */
-int normprop_psgd_abi(void) { return 2; }
+int normprop_psgd_abi(void) { return 3; }

@@ -269,14 +269,49 @@ def test_weights_the_kernel_cannot_take_get_the_same_step_in_torch_ops(momentum,
     net = copy.deepcopy(ref)
     ref_opt = paper_optimizer(ref, lr=0.1, momentum=momentum)
     opt = ProjectedSGD(net, lr=0.1, momentum=momentum, backend="native")
-    calls = []
-    monkeypatch.setattr(native, "supports", lambda *t: calls.append(len(t)) and False)
+    kernel_calls = []
+    monkeypatch.setattr(native, "supports", lambda *t: False)
+    monkeypatch.setattr(native, "_rows_unchecked", lambda *a: kernel_calls.append(a))
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     for _ in range(4):
         a, b = train_step(ref, ref_opt, x, y), train_step(net, opt, x, y, project=False)
         assert abs(a.loss - b.loss) < 1e-12
-    assert len(calls) == 4 * len(opt.fused_layers)
+    assert not kernel_calls
     for r, m in zip(ref.layers, net.layers):
         w = m.weight.detach()
         assert torch.allclose(w / w.norm(dim=1, keepdim=True), r.weight, atol=1e-12)
     assert all(m.fused_link.next_norms is not None for m in opt.fused_layers)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, activation,
+                                                                monkeypatch) -> None:
+    """Under the native backend the layer's backward runs its activation-sized part in C
+    (the ReLU mask, g k, the sums): every gradient -- input, product, gamma, beta -- and the
+    tangent coefficients equal those of the torch-op backward, step after step."""
+    torch.manual_seed(0)
+    nets = [build_model("mlp:16,16", 12, 3, activation=activation).to(dtype) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [ProjectedSGD(net, lr=0.1, backend="native") for net in nets]
+    for m in opts[1].fused_layers:
+        m.fused_link.native = False  # the same raw-mode backward, in torch ops
+    calls = []
+    layer_backward = native._layer_backward
+    monkeypatch.setattr(native, "_layer_backward",
+                        lambda *a: calls.append(1) or layer_backward(*a))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(5, 12, dtype=dtype, generator=g)
+        y = torch.randint(0, 3, (5,), generator=g)
+        seen = []
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            xi = x.clone().requires_grad_()
+            torch.nn.functional.cross_entropy(net(xi), y).backward()
+            seen.append([xi.grad] + [p.grad.clone() for p in net.parameters()]
+                        + [m.fused_link.tangent.clone() for m in opt.fused_layers])
+            opt.step()
+        for a, b in zip(*seen):
+            assert torch.allclose(a, b, rtol=atol, atol=atol)
+    assert len(calls) == 3 * len(opts[0].fused_layers)
