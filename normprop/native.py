@@ -1,4 +1,4 @@
-"""The native CPU kernel of :class:`~normprop.fused_sgd.ProjectedSGD`'s step (``csrc/``).
+"""The native CPU kernels of :class:`~normprop.fused_sgd.ProjectedSGD`'s step (``csrc/``).
 
 Why hand-written C: the step for a NormProp weight is one pass per row -- read the backward's
 product, the momentum and the weight, write the momentum and the weight, and sum the new row's
@@ -11,6 +11,12 @@ runtime torch itself loads), built once per machine with the system C compiler i
 second and loaded through :mod:`ctypes`: no torch headers, so no ABI tie to a torch version,
 and no build step at install time. Where it cannot be built (no compiler), ``ProjectedSGD``
 takes the eager step, which computes the same iterates.
+
+The same library carries the activation-sized part of ``NormPropLinear``'s backward while the
+native step drives the layer (``_layer_backward``: the ReLU mask, ``g k`` and the sums for
+``d gamma``, ``d beta`` and the tangent in one pass instead of nine torch ops), and the step
+also hands the next forward its per-row constants of eq. 9: host time the layer's Python would
+otherwise spend, which is what the worker's batch-1 step is made of.
 
 Environment:
     ``NORMPROP_CACHE_DIR``: where the built library is kept (default
