@@ -315,3 +315,30 @@ def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, act
         for a, b in zip(*seen):
             assert torch.allclose(a, b, rtol=atol, atol=atol)
     assert len(calls) == 3 * len(opts[0].fused_layers)
+
+
+def test_the_layer_backward_does_not_depend_on_the_thread_count() -> None:
+    """Columns are split over threads; each column's sums run over the batch in order."""
+    g = torch.Generator().manual_seed(5)
+    rows, m = 128, 1024  # large enough to be split
+    grad, out = torch.randn(rows, m, generator=g), torch.randn(rows, m, generator=g)
+    k, shift, r = torch.rand(m, generator=g) + 0.5, torch.randn(m, generator=g), torch.rand(m) + 1
+    gamma = torch.rand(m, generator=g) + 0.5
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(native._layer_backward(grad, out, k, shift, gamma, r, -0.2, 1.7))
+    finally:
+        torch.set_num_threads(before)
+    for gz, stats in results[1:]:
+        assert torch.equal(gz, results[0][0]) and torch.equal(stats, results[0][1])
+    # and they are the sums they claim to be
+    masked = torch.where(out <= -0.2, torch.zeros_like(grad), grad)
+    gz, stats = results[0]
+    assert torch.allclose(gz, masked * k, rtol=1e-6, atol=1e-6)
+    u = (masked * out).sum(0) - shift * masked.sum(0)
+    assert torch.allclose(stats[0], u / gamma, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(stats[1], u / r, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(stats[2], masked.sum(0) * 1.7, rtol=1e-4, atol=1e-3)
