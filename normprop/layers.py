@@ -141,8 +141,9 @@ class StepLink:
     Attributes:
         decay: the optimiser's weight decay ``lam``.
         raw: ``True`` for ProjectedSGD's ``native`` and ``compile`` backends: the backward
-            leaves the product
-            ``k_i (G^T x)_i`` in ``weight.grad`` and the tangent coefficient in ``tangent``.
+            leaves the product ``k_i (G^T x)_i`` in ``weight.grad`` and the tangent
+            coefficient in ``tangent``.
+        native: the ``native`` backend: the backward's activation-sized part runs in C too.
         norms: ``||W_i||`` as the last training forward read them (the step needs them).
         consts, prepared: see ``__init__``.
         tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
