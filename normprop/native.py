@@ -151,8 +151,19 @@ def _build_and_open(compiler: list[str], flags: tuple[str, ...], name: str) -> c
 # OpenMP threads where the compiler has them (torch's own runtime, libgomp, is then the one
 # already loaded), serial otherwise; without the ISA clones where the platform cannot resolve
 # them (no ifunc).
-_VARIANTS = ((*_FLAGS, "-fopenmp"), (*_FLAGS, "-fopenmp", "-DPSGD_NO_CLONES"),
-             (*_FLAGS, "-Wno-unknown-pragmas", "-DPSGD_NO_CLONES"))
+_OPENMP = ((*_FLAGS, "-fopenmp"), (*_FLAGS, "-fopenmp", "-DPSGD_NO_CLONES"))
+_SERIAL = ((*_FLAGS, "-Wno-unknown-pragmas"),
+           (*_FLAGS, "-Wno-unknown-pragmas", "-DPSGD_NO_CLONES"))
+
+
+def _openmp_runtime_clash() -> bool:
+    """Whether torch runs on Intel's OpenMP (some conda builds): a kernel linked to libgomp
+    would load a second OpenMP runtime into the process, so it is built serial there."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libiomp5" in maps and "libgomp" not in maps
 
 
 @functools.cache
@@ -162,7 +173,8 @@ def _library() -> ctypes.CDLL | None:
         _unavailable = "the native step is built for POSIX systems only"
         return None
     compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
-    names = [_library_name(compiler, flags) for flags in _VARIANTS]
+    variants = _SERIAL if _openmp_runtime_clash() else _OPENMP + _SERIAL
+    names = [_library_name(compiler, flags) for flags in variants]
     for name in names:
         lib = _cached(name)
         if lib is not None:
@@ -171,7 +183,7 @@ def _library() -> ctypes.CDLL | None:
         _unavailable = f"no C compiler ({shlex.join(compiler)!r} not found; set CC)"
         return None
     errors = []
-    for flags, name in zip(_VARIANTS, names):
+    for flags, name in zip(variants, names):
         try:
             return _build_and_open(compiler, flags, name)
         except OSError as exc:

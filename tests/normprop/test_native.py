@@ -202,6 +202,20 @@ def test_a_compiler_that_cannot_build_the_isa_clones_gets_the_plain_build(fresh_
     assert torch.allclose(rows[0], v.norm(dim=1), rtol=1e-14, atol=0)
 
 
+def test_torch_on_intel_openmp_gets_a_serial_kernel(fresh_build, monkeypatch) -> None:
+    """Where torch runs on libiomp5 (conda builds), a libgomp-linked kernel would bring a second
+    OpenMP runtime into the process: the loader builds the kernel without OpenMP there."""
+    log = fresh_build / "cc.log"
+    wrapper = fresh_build / "cc-logged"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec cc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setattr(native, "_openmp_runtime_clash", lambda: True)
+    assert native.available()
+    [build] = log.read_text().splitlines()
+    assert "-fopenmp" not in build and "-DPSGD_NO_CLONES" not in build
+
+
 def test_a_library_in_the_cache_needs_no_compiler(fresh_build, monkeypatch) -> None:
     """An image can ship the built library in its cache directory and no compiler."""
     monkeypatch.delenv("CC", raising=False)
