@@ -43,14 +43,17 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from . import native
 from .layers import NormPropConv2d, NormPropLinear, StepLink
 
 __all__ = ["Backend", "ProjectedSGD"]
 
-_FUSED_SGD_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+try:  # where torch has fused SGD kernels (CPU since torch 2.4); a private helper, so guarded
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    _FUSED_SGD_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+except ImportError:  # pragma: no cover -- older torch: multi-tensor ops instead
+    _FUSED_SGD_DEVICES = frozenset()
 
 #: How :class:`ProjectedSGD` takes the step of a NormProp weight matrix (see its docstring).
 Backend = Literal["auto", "eager", "native", "compile"]
