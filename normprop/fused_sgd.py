@@ -234,10 +234,11 @@ class ProjectedSGD(Optimizer):
                 continue
             lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                raw = p.grad
+                if raw is None:
                     continue
                 link = self._link_of(p)
-                raw, norms, tangent = p.grad, link.norms, link.tangent
+                norms, tangent = link.norms, link.tangent
                 buf = self._momentum_buffer(p) if mu != 0 else None
                 link.norms = link.tangent = link.prepared = None
                 if not native.supports(p, raw, norms, tangent, *([] if buf is None else [buf])):
@@ -246,17 +247,19 @@ class ProjectedSGD(Optimizer):
                                   [norms], [tangent], [], [], [], [], lr, mu, lam)
                     _remember_norms(link, p)
                     continue
-                layer, consts = self._owner[id(p)], link.consts
-                gamma, beta = layer.gamma, layer.beta
+                consts = link.consts
+                _, gamma, beta = self._owner[id(p)]._weight_gamma_beta()
                 affine = None
                 if consts is not None and native.supports(p, gamma, beta):
                     affine = (gamma, beta, *consts[:3])
                 rows, nonzero = native._rows_unchecked(p, raw, buf, norms, tangent, lr, mu,
                                                        lam, affine)
-                link.next_norms = rows[0]
+                if affine is None:
+                    link.next_norms, link.next_prepared = rows[0], None
+                else:
+                    link.next_norms, r, k, shift = rows.unbind(0)
+                    link.next_prepared = (r, k, shift, nonzero)
                 link.next_key = (p._version, p.data_ptr())
-                link.next_prepared = None if affine is None else (rows[1], rows[2], rows[3],
-                                                                  nonzero)
                 link.next_prepared_key = (gamma._version, beta._version, gamma.data_ptr(),
                                           beta.data_ptr(), consts)
         self._project_filters()
@@ -265,18 +268,26 @@ class ProjectedSGD(Optimizer):
         """gamma, beta, slopes, conv filters, plain layers: torch's fused SGD kernel (one pass
         for decay, momentum and update, what ``SGD(fused=True)`` runs), where torch has it for
         these tensors; else the multi-tensor ops."""
-        params = [p for p in group["params"] if p.grad is not None]
+        params, grads = [], []
+        for p in group["params"]:
+            grad = p.grad
+            if grad is not None:
+                params.append(p)
+                grads.append(grad)
         if not params:
             return
-        if not all(p.device.type in _FUSED_SGD_DEVICES and p.is_floating_point() for p in params):
+        # A gradient has its parameter's device and dtype (torch enforces it), so the
+        # parameters alone say which kernel can take the group.
+        device, dtype = params[0].device, params[0].dtype
+        same = all(p.device == device and p.dtype == dtype for p in params)
+        fusable = same and device.type in _FUSED_SGD_DEVICES and dtype.is_floating_point
+        if not fusable and not all(p.device.type in _FUSED_SGD_DEVICES
+                                   and p.is_floating_point() for p in params):
             self._foreach_group(group)
             return
         mu, lr = group["momentum"], group["lr"]
         lam = group["weight_decay"] if group["kind"] == "decay" else 0.0
-        grads = [p.grad for p in params]
-        first = params[0]
-        if mu != 0 and hasattr(torch, "_fused_sgd_") and all(
-                t.device == first.device and t.dtype == first.dtype for t in params + grads):
+        if same and mu != 0 and hasattr(torch, "_fused_sgd_"):
             # torch.optim.sgd.sgd(fused=True) would group by device and dtype first: ~50 us of
             # Python per step in the worker's batch-1 loop for the one group it would find.
             torch._fused_sgd_(params, grads, [self._momentum_buffer(p) for p in params],

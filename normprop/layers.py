@@ -17,8 +17,10 @@ trains and serving computes exactly the training function.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,25 @@ def _row_norms(weight: Tensor) -> Tensor:
 # Tests check both against autograd through the plain formula in float64.
 
 
+_Backward = TypeVar("_Backward", bound=Callable[..., tuple])
+
+
+def _first_order(backward: _Backward) -> _Backward:
+    """``once_differentiable``'s guarantee -- differentiating these gradients again is a clear
+    error, not silently wrong second derivatives -- paid only where it can matter: under
+    ``create_graph=True``, the one case in which a backward runs with grad mode on. Its wrapper
+    costs about 10 us a call (measured on CPU), a tenth of a layer's backward at batch size 1."""
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads: Tensor) -> tuple:
+        if torch.is_grad_enabled():
+            return guarded(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _norms_of(flat: Tensor, unit_rows: bool) -> Tensor:
     """Row norms of a 2-D weight; ones when the caller knows the rows are unit (see
     :meth:`NormPropLayer.rows_known_unit`)."""
@@ -84,7 +105,7 @@ class _NormalizedRows(torch.autograd.Function):
         return weight * k.view((-1,) + (1,) * (weight.dim() - 1))
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weight, norms, r, k = ctx.saved_tensors
         link = ctx.link
@@ -128,7 +149,7 @@ class _ShiftedRelu(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (out,) = ctx.saved_tensors
         return torch.ops.aten.threshold_backward(grad, out, ctx.floor), None
@@ -232,7 +253,7 @@ class _NormPropLinearRows(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
         via_out = ctx.via_out
@@ -372,13 +393,26 @@ class NormPropLayer:
         route is an in-place edit through ``weight.data``; call
         :func:`~normprop.training.project_weights_` after one.
         """
-        return getattr(self, "_unit_rows_key", None) == (self.weight._version,
-                                                          self.weight.data_ptr())
+        return self._rows_unit(self.weight)
+
+    def _rows_unit(self, weight: Tensor) -> bool:
+        return getattr(self, "_unit_rows_key", None) == (weight._version, weight.data_ptr())
+
+    def _weight_gamma_beta(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The three parameters, read from ``_parameters`` once: each ``self.weight`` costs
+        about 1 us in ``nn.Module.__getattr__``, and the batch-1 step is made of such costs.
+        (A parametrised weight, ``torch.nn.utils.parametrize``, is not in that dict.)"""
+        params = self._parameters
+        try:
+            return params["weight"], params["gamma"], params["beta"]
+        except KeyError:
+            return self.weight, self.gamma, self.beta
 
     @property
     def _fused_relu(self) -> tuple[float, float, float] | None:
-        """``(1/c1, c2, -c2/c1)`` when the activation is ReLU (read from ``self.activation``)."""
-        act = self.activation
+        """``(1/c1, c2, -c2/c1)`` when the activation is ReLU (read from ``self.activation``;
+        through ``_modules``, which holds it when it is a module, for the host time)."""
+        act = self._modules.get("activation")
         return _RELU_FOLD if act is not None and act.name == "relu" else None
 
     def weight_scale(self) -> Tensor:
@@ -398,7 +432,7 @@ class NormPropLayer:
         """ProjectedSGD's weight decay while it drives this layer, else ``None``."""
         return None if self.fused_link is None else self.fused_link.decay
 
-    def _fused_link(self) -> StepLink | None:
+    def _fused_link(self, weight: Tensor) -> StepLink | None:
         """The :class:`StepLink` when ProjectedSGD drives this layer and the forward will be
         differentiated (its norms then set for the backward and the step), else ``None``."""
         link = self.fused_link
@@ -407,7 +441,6 @@ class NormPropLayer:
         if link.owner() is None:  # the optimiser was dropped without detach()
             self.fused_link = None
             return None
-        weight = self.weight
         if not (torch.is_grad_enabled() and weight.requires_grad):
             return None
         if link.next_key == (weight._version, weight.data_ptr()):
@@ -501,29 +534,28 @@ class NormPropLinear(nn.Linear, NormPropLayer):
     def forward(self, x: Tensor) -> Tensor:
         if not self._use_fast_path():
             return self._composite_forward(x)
+        weight, gamma, beta = self._weight_gamma_beta()
         rows = x.numel() // max(self.in_features, 1)
-        link = self._fused_link()
-        unit = link is None and self.rows_known_unit()
+        link = self._fused_link(weight)
+        unit = link is None and self._rows_unit(weight)
         if x.dim() >= 1 and 0 < rows < self.in_features:
             # Fewer rows than inputs: scale the (N, m) product, not the (m, n) weight (eq. 9).
             relu = self._fused_relu
             consts = (self.eps, *relu[:2], relu[2]) if relu else (self.eps, 1.0, 0.0, None)
             if link is not None:
                 link.consts = consts
-                gamma, beta = self.gamma, self.beta
                 link.prepared = link.next_prepared if (
                     link.norms is link.next_norms and link.next_prepared_key == (
                         gamma._version, beta._version, gamma.data_ptr(), beta.data_ptr(),
                         consts)) else None
             out = _NormPropLinearRows.apply(x if x.dim() == 2 else x.reshape(rows, -1),
-                                            self.weight, self.gamma, self.beta, consts, unit,
-                                            link)
+                                            weight, gamma, beta, consts, unit, link)
             if x.dim() != 2:
                 out = out.view(*x.shape[:-1], self.out_features)
             return out if relu is not None else self._activate(out)
         # gamma_i (W_i . x)/||W_i|| + beta_i as one matmul with a scaled weight and fused bias.
         gamma, beta = self._scaled_affine()
-        pre = F.linear(x, _NormalizedRows.apply(self.weight, gamma, self.eps, unit, link), beta)
+        pre = F.linear(x, _NormalizedRows.apply(weight, gamma, self.eps, unit, link), beta)
         return self._finish(pre)
 
     def extra_repr(self) -> str:

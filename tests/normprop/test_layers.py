@@ -237,6 +237,10 @@ def test_composite_path_same_numbers_and_twice_differentiable(make, shape):
         # The fast backward is first order only, and says so rather than give wrong numbers.
         with pytest.raises(RuntimeError, match="once_differentiable"):
             gx_fast.pow(2).sum().backward()
+    # So for the weight, on every path (the check runs only under create_graph=True).
+    (gw_fast,) = torch.autograd.grad(layer(x).pow(2).sum(), layer.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gw_fast.pow(2).sum().backward()
 
 
 def test_torch_func_transforms_use_the_composite_path():
