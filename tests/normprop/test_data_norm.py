@@ -157,3 +157,32 @@ def test_statistics_live_in_the_state_dict():
     clone.load_state_dict(norm.state_dict())
     x = torch.randn(3, 2)
     assert torch.equal(clone.eval()(x), norm.eval()(x))
+
+
+def test_kept_running_statistics_follow_every_change():
+    """The forward keeps the running (mean, std) in the input's dtype while the buffers are
+    unchanged (global mode, evaluation); every way of changing them is seen."""
+    norm = DataNorm(2, mode="running").eval()
+    norm.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    x = torch.tensor([[2.0, 4.0]])
+
+    def formula(inp: torch.Tensor = x) -> torch.Tensor:
+        return (inp - norm.running_mean.to(inp.dtype)) / norm.running_std().to(inp.dtype)
+
+    first = norm(x)
+    assert torch.equal(first, formula()) and torch.equal(norm(x), first)
+    norm.update(torch.tensor([[5.0, 0.0]]))
+    assert torch.equal(norm(x), formula()) and not torch.equal(norm(x), first)
+    norm.set_statistics(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 2.0]))
+    assert torch.equal(norm(x), torch.tensor([[1.0, 1.5]]))
+    other = DataNorm(2, mode="running")
+    other.update(torch.tensor([[0.0, 0.0], [4.0, 8.0]]))
+    norm.load_state_dict(other.state_dict())
+    assert torch.equal(norm(x), torch.tensor([[0.0, 0.0]]))
+    with torch.no_grad():
+        norm.running_mean.add_(1.0)
+    assert torch.equal(norm(x), formula())
+    norm.eps = 100.0  # every variance now below the floor: centred only
+    assert torch.equal(norm(x), x - norm.running_mean.float())
+    assert norm(x.double()).dtype == torch.float64
+    assert torch.equal(norm(x.double()), formula(x.double()))
