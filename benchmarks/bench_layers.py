@@ -300,7 +300,8 @@ def main() -> None:
                         help="torch: torch.optim.SGD's default step, ProjectedSGD "
                              "backend='eager'; fused: SGD(fused=True) for the baselines, "
                              "ProjectedSGD backend='native' (CPU) / 'compile' (GPU)")
-    parser.add_argument("--psgd-backend", choices=("eager", "native", "compile"), default=None,
+    parser.add_argument("--psgd-backend", choices=("eager", "native", "compile", "project"),
+                        default=None,
                         help="ProjectedSGD's backend for normprop+psgd (default: see "
                              "--optimizer)")
     parser.add_argument("--phases", action="store_true",

@@ -168,9 +168,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--optimizer-backend", default="auto",
-                        choices=("auto", "eager", "native", "compile"),
+                        choices=("auto", "eager", "native", "compile", "project"),
                         help="ProjectedSGD's backend (NP_OPTIMIZER_BACKEND); auto: native on "
-                             "the CPU")
+                             "the CPU, project on a GPU")
     args = parser.parse_args()
     global DEVICE, BACKEND
     DEVICE = torch.device(args.device)

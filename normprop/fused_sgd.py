@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover -- older torch: multi-tensor ops instead
     _FUSED_SGD_DEVICES = frozenset()
 
 #: How :class:`ProjectedSGD` takes the step of a NormProp weight matrix (see its docstring).
-Backend = Literal["auto", "eager", "native", "compile"]
+Backend = Literal["auto", "eager", "native", "compile", "project"]
 
 
 def _fused_update(weights: list[Tensor], raws: list[Tensor], bufs: list[Tensor],
@@ -119,10 +119,16 @@ class ProjectedSGD(Optimizer):
               eagerly, and goes on as ``"eager"``.
             * ``"eager"``: torch ops; the backward writes the step's direction into
               ``weight.grad`` (one weight pass), the step adds momentum and updates.
+            * ``"project"``: torch's SGD (its fused kernel where torch has one: one launch for
+              a whole group), then the projection to unit rows -- the plain recipe of
+              ``paper_optimizer`` + ``project_weights_``, and the plain backward. More weight
+              passes, fewer kernel launches: the cheaper step where launches are the cost (a
+              GPU in eager mode; docs/LIBRARY.md).
             * ``"auto"`` (default): ``"native"`` when every such weight is on the CPU and the
-              kernel builds, else ``"eager"``. :attr:`backend` tells which was taken.
+              kernel builds, ``"eager"`` on the CPU without it, ``"project"`` off the CPU.
+              :attr:`backend` tells which was taken.
 
-            All four compute the same iterates (to rounding; tested in float64).
+            All five compute the same iterates (to rounding; tested in float64).
         foreach: use torch's multi-tensor ops for the step (fewer kernel launches); ``None``
             (default) picks them when the parameters are not on the CPU, as torch's SGD does.
 
@@ -149,10 +155,14 @@ class ProjectedSGD(Optimizer):
             groups[key].append(p)
         param_groups = [{"params": ps, "kind": k} for k, ps in groups.items() if ps]
         super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        #: The backend taken: ``"native"``, ``"compile"`` or ``"eager"`` (never ``"auto"``).
-        self.backend: Literal["eager", "native", "compile"] = self._resolve(backend)
+        #: The backend taken: ``"native"``, ``"compile"``, ``"eager"`` or ``"project"``
+        #: (never ``"auto"``).
+        self.backend: Literal["eager", "native", "compile", "project"] = self._resolve(backend)
         raw = self.backend != "eager"
         for m in self.fused_layers:
+            if self.backend == "project":  # the layer's own backward: weight.grad = dL/dW
+                m.fused_link = None
+                continue
             m.fused_link = StepLink(weight_decay, raw=raw, owner=weakref.ref(self))
             m.fused_link.native = self.backend == "native"
         self._owner = {id(m.weight): m for m in self.fused_layers}
@@ -160,10 +170,10 @@ class ProjectedSGD(Optimizer):
         self._update: Callable[..., None] | None = None
         self._scalars: tuple[tuple, Tensor] | None = None
 
-    def _resolve(self, backend: str) -> Literal["eager", "native", "compile"]:
-        if backend not in ("auto", "eager", "native", "compile"):
+    def _resolve(self, backend: str) -> Literal["eager", "native", "compile", "project"]:
+        if backend not in ("auto", "eager", "native", "compile", "project"):
             raise ValueError(f"ProjectedSGD backend must be one of 'auto', 'eager', 'native', "
-                             f"'compile'; got {backend!r}")
+                             f"'compile', 'project'; got {backend!r}")
         on_cpu = all(m.weight.device.type == "cpu" for m in self.fused_layers)
         if backend == "native":
             if not native.available():
@@ -171,7 +181,9 @@ class ProjectedSGD(Optimizer):
                                    f"{native.unavailable_reason()}")
             return "native"
         if backend == "auto":
-            return "native" if on_cpu and self.fused_layers and native.available() else "eager"
+            if not on_cpu:
+                return "project"
+            return "native" if self.fused_layers and native.available() else "eager"
         return backend  # type: ignore[return-value]
 
     def detach(self) -> None:
@@ -193,6 +205,9 @@ class ProjectedSGD(Optimizer):
             return
         if self.backend == "native":
             self._native_step()
+            return
+        if self.backend == "project":
+            self._project_step()
             return
         first = next((p for g in self.param_groups for p in g["params"]), None)
         foreach = self.foreach if self.foreach is not None else (
@@ -264,7 +279,14 @@ class ProjectedSGD(Optimizer):
                                           beta.data_ptr(), consts)
         self._project_filters()
 
-    def _one_pass_group(self, group: dict) -> None:
+    def _project_step(self) -> None:
+        """torch's SGD for every group, decay on the NormProp weights too (``paper_optimizer``),
+        then every NormProp weight back to unit rows (``project_weights_``)."""
+        for group in self.param_groups:
+            self._one_pass_group(group, kind="decay" if group["kind"] == "fused" else None)
+        self._project_rows(self.fused_layers + self.projected_layers)
+
+    def _one_pass_group(self, group: dict, kind: str | None = None) -> None:
         """gamma, beta, slopes, conv filters, plain layers: torch's fused SGD kernel (one pass
         for decay, momentum and update, what ``SGD(fused=True)`` runs), where torch has it for
         these tensors; else the multi-tensor ops."""
@@ -283,10 +305,10 @@ class ProjectedSGD(Optimizer):
         fusable = same and device.type in _FUSED_SGD_DEVICES and dtype.is_floating_point
         if not fusable and not all(p.device.type in _FUSED_SGD_DEVICES
                                    and p.is_floating_point() for p in params):
-            self._foreach_group(group)
+            self._foreach_group(group, kind)
             return
         mu, lr = group["momentum"], group["lr"]
-        lam = group["weight_decay"] if group["kind"] == "decay" else 0.0
+        lam = group["weight_decay"] if (kind or group["kind"]) == "decay" else 0.0
         if same and mu != 0 and hasattr(torch, "_fused_sgd_"):
             # torch.optim.sgd.sgd(fused=True) would group by device and dtype first: ~50 us of
             # Python per step in the worker's batch-1 loop for the one group it would find.
@@ -316,10 +338,11 @@ class ProjectedSGD(Optimizer):
             if m.fused_link is not None:
                 m.fused_link.tangent = None
 
-    def _foreach_group(self, group: dict) -> None:
+    def _foreach_group(self, group: dict, kind: str | None = None) -> None:
         """One group's step with torch's multi-tensor ops: a few calls per group instead of a
         few per tensor (what torch's SGD does on a GPU by default)."""
-        lr, mu, lam, kind = group["lr"], group["momentum"], group["weight_decay"], group["kind"]
+        lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
+        kind = kind or group["kind"]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -420,10 +443,14 @@ class ProjectedSGD(Optimizer):
 
     def _project_filters(self) -> None:
         """NormPropConv2d filters: torch SGD's update above, then the projection."""
-        if self.projected_layers:
-            weights = [m.weight for m in self.projected_layers]
-            flat = [w.view(w.shape[0], -1) for w in weights]
+        self._project_rows(self.projected_layers)
+
+    @staticmethod
+    def _project_rows(layers: list) -> None:
+        """Each layer's rows (filters) to unit norm, as ``project_weights_``."""
+        if layers:
+            flat = [m.weight.view(m.weight.shape[0], -1) for m in layers]
             torch._foreach_div_(flat, [f.norm(dim=1, keepdim=True).clamp_min_(1e-12)
                                        for f in flat])
-            for m in self.projected_layers:
+            for m in layers:
                 m.mark_unit_rows_()

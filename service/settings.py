@@ -179,8 +179,9 @@ class Settings(BaseSettings):
     #: How ``normprop.ProjectedSGD`` takes each weight's step (the same iterates every way):
     #: ``auto`` -- its C kernel on the CPU when the worker can build it (a C compiler, once;
     #: ``NORMPROP_CACHE_DIR`` keeps the build), else torch ops; ``eager`` -- torch ops only;
-    #: ``native`` -- the kernel or fail at start; ``compile`` -- ``torch.compile`` (GPU).
-    optimizer_backend: Literal["auto", "eager", "native", "compile"] = "auto"
+    #: ``native`` -- the kernel or fail at start; ``compile`` -- ``torch.compile`` (GPU);
+    #: ``project`` -- torch's SGD then the projection (auto's choice on a GPU: fewest launches).
+    optimizer_backend: Literal["auto", "eager", "native", "compile", "project"] = "auto"
     #: The service's own log level (worker and API; uvicorn's access log has its own flags).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -81,10 +81,11 @@ def test_training_on_gpu_follows_the_cpu(batch: int) -> None:
             assert torch.allclose(norms, torch.ones_like(norms), atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["eager", "compile"])
+@pytest.mark.parametrize("backend", ["auto", "eager", "compile", "project"])
 def test_projected_sgd_on_gpu_follows_sgd_plus_projection_on_cpu(backend: str) -> None:
-    """ProjectedSGD on the GPU -- eager, and backend="compile" (Triton kernels) -- takes the steps
-    of torch SGD + project_weights_ on the CPU: the same losses and row directions."""
+    """ProjectedSGD on the GPU -- eager, "project" (auto's choice there) and "compile" (Triton
+    kernels) -- takes the steps of torch SGD + project_weights_ on the CPU: the same losses and
+    row directions."""
     from normprop import ProjectedSGD
 
     torch.manual_seed(0)
@@ -95,6 +96,7 @@ def test_projected_sgd_on_gpu_follows_sgd_plus_projection_on_cpu(backend: str) -
     gpu = gpu.to(GPU)
     ref_opt = paper_optimizer(ref, lr=0.02)
     opt = ProjectedSGD(gpu, lr=0.02, backend=backend)
+    assert opt.backend == ("project" if backend == "auto" else backend)
     g = torch.Generator().manual_seed(5)
     for batch in [1, 16, 64, 3] * 8:
         x = torch.randn(batch, 20, dtype=torch.float64, generator=g) * 3 + 1

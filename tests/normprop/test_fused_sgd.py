@@ -62,7 +62,7 @@ def _assert_plain_gradients(net: torch.nn.Module, layers: list, x: torch.Tensor,
         assert torch.allclose(a, p.grad, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("backend", ["eager", "native", "project"])
 @pytest.mark.parametrize("spec,shape,activation", [
     ("mlp:24,24,24", 20, "relu"),
     ("mlp:24,16", 20, "tanh"),
@@ -91,13 +91,40 @@ def test_same_iterates_as_sgd_plus_projection(spec, shape, activation, backend) 
     # The un-normalised weights really are un-normalised (no divide pass), and folding and
     # evaluation see the same function as the reference.
     norms = torch.cat([m.weight.flatten(1).norm(dim=1) for m in opt.fused_layers])
-    assert (norms - 1).abs().max() > 1e-3
+    if backend == "project":  # the plain recipe: unit rows after every step
+        assert (norms - 1).abs().max() < 1e-12
+    else:
+        assert (norms - 1).abs().max() > 1e-3
     ref.eval()
     fused.eval()
     x = torch.randn(50, *full, dtype=torch.float64, generator=g)
     with torch.no_grad():
         assert torch.allclose(fused(x), ref(x), atol=1e-9)
         assert torch.allclose(fold(fused)(x), ref(x), atol=1e-9)
+
+
+def test_the_project_backend_is_the_plain_recipe() -> None:
+    """backend="project": the layers keep their own backward (weight.grad is dL/dW), and the
+    step is torch's SGD then the projection -- bit for bit paper_optimizer + project_weights_
+    in float32, not only to rounding."""
+    torch.manual_seed(0)
+    ref = build_model("mlp:16,16", 6, 3, data_norm="running")
+    net = copy.deepcopy(ref)
+    for model in (ref, net):  # the same rows, and known unit in both (a copy is not)
+        project_weights_(model)
+    ref_opt = paper_optimizer(ref, lr=0.1, weight_decay=5e-3, fused=True)
+    opt = ProjectedSGD(net, lr=0.1, weight_decay=5e-3, backend="project")
+    assert opt.backend == "project" and all(m.fused_link is None for m in opt.fused_layers)
+    g = torch.Generator().manual_seed(3)
+    for batch in (1, 5, 12, 1):
+        x, y = torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)
+        train_step(ref, ref_opt, x, y)
+        train_step(net, opt, x, y, project=False)
+        for a, b in zip(ref.parameters(), net.parameters()):
+            assert torch.equal(a, b)
+        assert all(m.rows_known_unit() for m in opt.fused_layers)
+    x, y = torch.randn(5, 6, dtype=torch.float64, generator=g), torch.tensor([0, 1, 2, 0, 1])
+    _assert_plain_gradients(net.double().eval(), opt.fused_layers, x, y)  # eval: stats fixed
 
 
 def test_detach_returns_to_the_plain_backward() -> None:
