@@ -379,7 +379,11 @@ class NormPropLayer:
     def mark_unit_rows_(self) -> None:
         """Record that every row of ``weight`` has unit norm *now* (called by
         :func:`~normprop.training.project_weights_` and at initialisation)."""
-        self._unit_rows_key = (self.weight._version, self.weight.data_ptr())
+        weight = self.weight
+        # An inference tensor (made under torch.inference_mode) keeps no version counter: its
+        # rows are then never taken as known unit, and each forward reads the norms.
+        self._unit_rows_key = None if weight.is_inference() else (weight._version,
+                                                                  weight.data_ptr())
 
     def rows_known_unit(self) -> bool:
         """Whether the weight is unchanged since :meth:`mark_unit_rows_`: same storage and
@@ -396,7 +400,8 @@ class NormPropLayer:
         return self._rows_unit(self.weight)
 
     def _rows_unit(self, weight: Tensor) -> bool:
-        return getattr(self, "_unit_rows_key", None) == (weight._version, weight.data_ptr())
+        key = getattr(self, "_unit_rows_key", None)
+        return key is not None and key == (weight._version, weight.data_ptr())
 
     def _weight_gamma_beta(self) -> tuple[Tensor, Tensor, Tensor]:
         """The three parameters, read from ``_parameters`` once: each ``self.weight`` costs

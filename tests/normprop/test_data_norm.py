@@ -186,3 +186,51 @@ def test_kept_running_statistics_follow_every_change():
     assert torch.equal(norm(x), x - norm.running_mean.float())
     assert norm(x.double()).dtype == torch.float64
     assert torch.equal(norm(x.double()), formula(x.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,half_life,clip", [("running", None, None), ("batch", 5.0, 2.0)])
+def test_one_sample_training_step_matches_the_torch_ops(dtype, mode, half_life, clip):
+    """One sample on the CPU (the online worker's step) takes a NumPy path on the buffers' own
+    memory; an input that needs a gradient takes torch ops. Statistics bit for bit, the output
+    to an ulp, and the buffers' version counters move (the kept statistics see the change)."""
+    fast = DataNorm(4, mode=mode, half_life=half_life, clip=clip)
+    ref = DataNorm(4, mode=mode, half_life=half_life, clip=clip)
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        x = (torch.randn(1, 4, generator=g) * 3 + 1).to(dtype)
+        x[0, 3] = 7.0  # a constant feature: centred only, never divided by ~0
+        version = fast.running_m2._version
+        out = fast(x)
+        want = ref(x.clone().requires_grad_()).detach()
+        assert out.grad_fn is None and out.dtype == dtype and out.shape == (1, 4)
+        assert fast.running_m2._version > version
+        ulp = torch.finfo(dtype).eps
+        assert torch.allclose(out, want, rtol=4 * ulp, atol=4 * ulp), i
+        for name in ("running_mean", "running_m2", "count"):
+            assert torch.equal(getattr(fast, name), getattr(ref, name)), (i, name)
+    assert torch.isfinite(out).all() and out[0, 3] == 0
+    fast.eval()
+    x = torch.randn(3, 4, dtype=dtype, generator=g)
+    assert torch.allclose(fast(x), ref.eval()(x), rtol=4 * ulp, atol=4 * ulp)
+
+
+def test_a_net_made_and_run_under_inference_mode():
+    """Inference tensors keep no version counter: the kept statistics, the one-sample path and
+    the layers' known-unit-rows mark step aside, and the net computes what it computes outside."""
+    from normprop import build_model, fold, project_weights_
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    with torch.inference_mode():
+        net = build_model("mlp:8", 3, 2, data_norm="running")
+        for row in x:
+            net(row.unsqueeze(0))  # training forwards: the running statistics move
+        assert net.data_norm.count.item() == 5
+        project_weights_(net)
+        out = net.eval()(x)
+        assert torch.allclose(fold(net)(x), out, atol=1e-6)
+    plain = build_model("mlp:8", 3, 2, data_norm="running")
+    plain.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), out, atol=1e-6)
