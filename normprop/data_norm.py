@@ -216,6 +216,7 @@ class DataNorm(nn.Module):
         return (x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64) and not x.requires_grad
                 and self.running_mean.device.type == "cpu"
+                and self.running_mean.dtype == torch.float64  # not after a .half(), say
                 and not torch.compiler.is_compiling()
                 and not self.running_mean.is_inference())  # those keep no version counter
 
