@@ -281,7 +281,19 @@ class ProjectedSGD(Optimizer):
 
     def _project_step(self) -> None:
         """torch's SGD for every group, decay on the NormProp weights too (``paper_optimizer``),
-        then every NormProp weight back to unit rows (``project_weights_``)."""
+        then every NormProp weight back to unit rows (``project_weights_``).
+
+        Rows that are not unit -- weights from another backend's checkpoint, which keeps them
+        as trained, or set by hand -- are first moved to unit rows with their gradient in the
+        same coordinates (``w = V / n``, ``dL/dw = n dL/dV``): the other backends keep the
+        momentum for ``w``, so it means the same here and the iterates stay theirs (tested)."""
+        with torch.no_grad():
+            for m in self.fused_layers:
+                grad = m.weight.grad
+                if grad is not None and not m.rows_known_unit():
+                    n = m.weight.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+                    m.weight.div_(n)
+                    grad.mul_(n)
         for group in self.param_groups:
             self._one_pass_group(group, kind="decay" if group["kind"] == "fused" else None)
         self._project_rows(self.fused_layers + self.projected_layers)

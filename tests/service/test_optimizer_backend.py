@@ -50,18 +50,22 @@ def test_native_and_eager_trainers_train_the_same_model() -> None:
         assert torch.allclose(native.model(probe), eager.model(probe), atol=1e-4)
 
 
-def test_a_checkpoint_moves_between_backends(tmp_path) -> None:
+@pytest.mark.parametrize("other", ["eager", "project"])
+def test_a_checkpoint_moves_between_backends(tmp_path, other: str) -> None:
     """A worker that restarts with another backend continues from exactly the stored state
     (written and read through the snapshot store, as the worker does): the weights as trained
-    and the momentum buffers mean the same to both steps."""
+    and the momentum buffers mean the same to both steps ("project", a GPU worker's step, first
+    moves the stored un-normalised rows to unit rows with their gradient)."""
     x, y = synthetic(70, seed=1)
     cpu = torch.device("cpu")
     native = ModelTrainer(small_config(), cpu, optimizer_backend="native")
     _train(native, x, y)
     store = SnapshotStore(tmp_path, "m")
     store.write(1, native.checkpoint_tensors(), native.metadata())
-    eager = ModelTrainer(small_config(), cpu, optimizer_backend="eager")
+    eager = ModelTrainer(small_config(), cpu, optimizer_backend=other)
     twin = ModelTrainer(small_config(), cpu, optimizer_backend="native")
+    norms = torch.cat([m.weight.norm(dim=1) for m in native.optimizer.fused_layers])
+    assert (norms - 1).abs().max() > 1e-2  # stored as trained: rows far from unit
     for trainer in (eager, twin):
         trainer.restore(store.read(1))
         for (k, a), b in zip(native.model.state_dict().items(),
