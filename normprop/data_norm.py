@@ -255,15 +255,15 @@ class DataNorm(nn.Module):
         where the key would be a guard."""
         rm, m2, count = self.running_mean, self.running_m2, self.count
         # Inference tensors (a module made under torch.inference_mode) keep no version counter.
-        compiling = torch.compiler.is_compiling() or rm.is_inference()
-        if not compiling:
+        uncached = torch.compiler.is_compiling() or rm.is_inference()
+        if not uncached:
             key = (rm._version, m2._version, count._version, rm.data_ptr(), m2.data_ptr(),
                    count.data_ptr(), x.dtype, x.device, self.eps)
             cached = self.__dict__.get("_running_cache")
             if cached is not None and cached[0] == key:
                 return cached[1], cached[2]
         mean, std = rm.to(x.dtype), self.running_std().to(x.dtype)
-        if not compiling:
+        if not uncached:
             self.__dict__["_running_cache"] = (key, mean, std)
         return mean, std
 
