@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd
 
 from . import native
-from .layers import NormPropConv2d, NormPropLinear, StepLink
+from .layers import NormPropConv2d, NormPropLinear, StepLink, project_rows_
 
 __all__ = ["Backend", "ProjectedSGD"]
 
@@ -296,7 +296,7 @@ class ProjectedSGD(Optimizer):
                     grad.mul_(n)
         for group in self.param_groups:
             self._one_pass_group(group, kind="decay" if group["kind"] == "fused" else None)
-        self._project_rows(self.fused_layers + self.projected_layers)
+        project_rows_(self.fused_layers + self.projected_layers)
 
     def _one_pass_group(self, group: dict, kind: str | None = None) -> None:
         """gamma, beta, slopes, conv filters, plain layers: torch's fused SGD kernel (one pass
@@ -455,14 +455,4 @@ class ProjectedSGD(Optimizer):
 
     def _project_filters(self) -> None:
         """NormPropConv2d filters: torch SGD's update above, then the projection."""
-        self._project_rows(self.projected_layers)
-
-    @staticmethod
-    def _project_rows(layers: list) -> None:
-        """Each layer's rows (filters) to unit norm, as ``project_weights_``."""
-        if layers:
-            flat = [m.weight.view(m.weight.shape[0], -1) for m in layers]
-            torch._foreach_div_(flat, [f.norm(dim=1, keepdim=True).clamp_min_(1e-12)
-                                       for f in flat])
-            for m in layers:
-                m.mark_unit_rows_()
+        project_rows_(self.projected_layers)

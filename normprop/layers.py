@@ -328,6 +328,20 @@ def _native_rows_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, k: Tenso
             stats[2] if need_beta else None, None, None, None)
 
 
+def project_rows_(layers: list[NormPropLayer], eps: float = 1e-12) -> None:
+    """Each layer's weight rows (Linear) / filters (conv) to unit L2 norm, in place, and marked
+    unit (section 4.4): what :func:`~normprop.training.project_weights_` and
+    :class:`~normprop.fused_sgd.ProjectedSGD` both run."""
+    if not layers:
+        return
+    flat = [m.weight.view(m.weight.shape[0], -1) for m in layers]
+    torch._foreach_div_(flat, [f.norm(dim=1, keepdim=True).clamp_min_(eps) for f in flat])
+    for m in layers:
+        # Lets the next forward skip ||W_i|| (= 1) until the weight changes again. An all-zero
+        # row stays zero and is then treated as a unit row: its output is 0 either way.
+        m.mark_unit_rows_()
+
+
 # ReLU is positively homogeneous, so (relu(p) - c2) / c1 = max((p - c2) / c1, -c2 / c1): the
 # re-standardisation folds into the layer's own scale and bias, and the activation becomes one
 # clamp -- the op count of a plain Linear + ReLU.

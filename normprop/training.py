@@ -23,7 +23,7 @@ from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
 from .fused_sgd import ProjectedSGD
-from .layers import NormPropConv2d, NormPropLinear
+from .layers import NormPropConv2d, NormPropLinear, project_rows_
 
 __all__ = [
     "project_weights_",
@@ -48,17 +48,7 @@ def project_weights_(model: nn.Module, eps: float = 1e-12) -> nn.Module:
 
     Section 4.4, "Constraints": run after every optimiser step. Returns ``model``.
     """
-    layers = normprop_layers(model)
-    if not layers:
-        return model
-    weights = [m.weight for m in layers]
-    flat = [w.view(w.shape[0], -1) for w in weights]
-    norms = [f.norm(dim=1, keepdim=True).clamp_min_(eps) for f in flat]
-    torch._foreach_div_(flat, norms)
-    for m in layers:
-        # Lets the next forward skip ||W_i|| (= 1) until the weight changes again. An all-zero
-        # row stays zero and is then treated as a unit row: its output is 0 either way.
-        m.mark_unit_rows_()
+    project_rows_(normprop_layers(model), eps)
     return model
 
 
