@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd
 
-from . import native
+from . import native, native_autograd
 from .layers import NormPropConv2d, NormPropLinear, StepLink, project_rows_
 
 __all__ = ["Backend", "ProjectedSGD"]
@@ -179,12 +179,17 @@ class ProjectedSGD(Optimizer):
             if not native.available():
                 raise RuntimeError("ProjectedSGD(backend='native'): "
                                    f"{native.unavailable_reason()}")
-            return "native"
-        if backend == "auto":
+        elif backend == "auto":
             if not on_cpu:
                 return "project"
-            return "native" if self.fused_layers and native.available() else "eager"
-        return backend  # type: ignore[return-value]
+            if not (self.fused_layers and native.available()):
+                return "eager"
+        else:
+            return backend  # type: ignore[return-value]
+        # The layers' C++ node, built here (once per machine) rather than in the first
+        # forward; where it cannot be built they keep the Python node (the same numbers).
+        native_autograd.available()
+        return "native"
 
     def detach(self) -> None:
         """Give the fused layers back to the plain backward (their rows are then projected)."""

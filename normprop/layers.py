@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import native
+from . import native, native_autograd
 from .activations import Activation, activation_stats
 
 __all__ = ["NormPropLinear", "NormPropConv2d", "NormPropLayer", "StepLink", "glorot_normal_"]
@@ -168,13 +168,14 @@ class StepLink:
         norms: ``||W_i||`` as the last training forward read them (the step needs them).
         consts, prepared: see ``__init__``.
         tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
+        probe: the C++ node's route for ``tangent`` (see :meth:`collect_tangent`).
         owner: a weak reference to the optimiser: once it is gone the layer goes back to the
             plain backward by itself (``weight.grad`` is the gradient again), as after
             :meth:`~normprop.fused_sgd.ProjectedSGD.detach`.
     """
 
-    __slots__ = ("decay", "raw", "norms", "tangent", "next_norms", "next_key", "owner",
-                 "consts", "prepared", "next_prepared", "next_prepared_key", "native")
+    __slots__ = ("decay", "raw", "norms", "_tangent", "next_norms", "next_key", "owner",
+                 "consts", "prepared", "next_prepared", "next_prepared_key", "native", "probe")
 
     def __init__(self, decay: float, raw: bool,
                  owner: Callable[[], object | None] = lambda: True) -> None:
@@ -182,7 +183,10 @@ class StepLink:
         #: ProjectedSGD's native backend: the backward's activation-sized part runs in C too.
         self.native = False
         self.norms: Tensor | None = None
-        self.tangent: Tensor | None = None
+        # The C++ node's tangent coefficients accumulate as this tensor's gradient
+        # (normprop.native_autograd); nothing reads its values.
+        self.probe: Tensor | None = None
+        self._tangent: Tensor | None = None
         # ``||W_i||`` taken by the step right after it wrote W (still in cache), for the next
         # forward -- valid while W's storage and autograd version are those in ``next_key``.
         self.next_norms: Tensor | None = None
@@ -196,6 +200,43 @@ class StepLink:
         self.prepared: tuple[Tensor, Tensor, Tensor, bool] | None = None
         self.next_prepared: tuple[Tensor, Tensor, Tensor, bool] | None = None
         self.next_prepared_key: tuple | None = None
+
+    @property
+    def tangent(self) -> Tensor | None:
+        """``k_i (G_i . W_i) / r_i`` summed over the backwards since the last step: what the
+        Python node left, plus what the C++ node left as ``probe.grad`` (moved here on read)."""
+        probe = self.probe
+        if probe is not None and probe.grad is not None:
+            grad = probe.grad
+            probe.grad = None
+            self._tangent = grad if self._tangent is None else self._tangent + grad
+        return self._tangent
+
+    @tangent.setter
+    def tangent(self, value: Tensor | None) -> None:
+        """Replace the sum, the C++ node's pending part included (``None``: drop it)."""
+        if self.probe is not None:
+            self.probe.grad = None
+        self._tangent = value
+
+
+def _shift(beta: Tensor, inv_c1: float, c2: float) -> Tensor:
+    """``(beta_i - c2) / c1``: the constant part of eq. 9 after the ReLU's re-standardisation."""
+    return beta if inv_c1 == 1.0 and c2 == 0.0 else torch.sub(beta, c2).mul_(inv_c1)
+
+
+def _row_constants(gamma: Tensor, beta: Tensor, norms: Tensor,
+                   consts: tuple[float, float, float, float | None]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``r_i = ||W_i|| + eps``, ``k_i = gamma_i / r_i / c1`` and the shift of eq. 9, rounded
+    as the native step rounds them (``csrc/projected_sgd.c``); ``gamma``, ``beta`` detached by
+    the caller or under no grad."""
+    eps, inv_c1, c2, _ = consts
+    r = norms + eps
+    k = torch.div(gamma, r)
+    if inv_c1 != 1.0:
+        k.mul_(inv_c1)
+    return r, k, _shift(beta, inv_c1, c2)
 
 
 class _NormPropLinearRows(torch.autograd.Function):
@@ -226,13 +267,10 @@ class _NormPropLinearRows(torch.autograd.Function):
             r = 1.0 + eps
             k = gamma * (inv_c1 / r)
         else:
-            r = norms + eps
-            k = torch.div(gamma, r)
-            if inv_c1 != 1.0:
-                k.mul_(inv_c1)
+            r, k, shift = _row_constants(gamma, beta, norms, consts)
         z = x.mm(weight.t())  # W_i . x
-        if prepared is None:
-            shift = beta if inv_c1 == 1.0 and c2 == 0.0 else torch.sub(beta, c2).mul_(inv_c1)
+        if prepared is None and norms is None:
+            shift = _shift(beta, inv_c1, c2)
         # The backward needs u_i = k_i sum_b g_bi z_bi. Where out = k z + shift (g = 0 where the
         # clamp bit), u = sum_b g_bi (out_bi - shift_i): read from ``out``, which the ReLU
         # backward has just read, instead of keeping z -- one activation fewer in memory and a
@@ -326,6 +364,32 @@ def _native_rows_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, k: Tenso
         link.tangent = stats[1] if link.tangent is None else link.tangent + stats[1]
     return (gz.mm(weight) if need_x else None, d_w, stats[0] if need_gamma else None,
             stats[2] if need_beta else None, None, None, None)
+
+
+def _native_rows(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+                 consts: tuple[float, float, float, float | None], link: StepLink
+                 ) -> Tensor | None:
+    """``_NormPropLinearRows`` under ProjectedSGD's native backend as the C++ node of
+    :mod:`normprop.native_autograd` (the same numbers without Python in the backward), or
+    ``None`` where that node cannot take the layer: not built, a zero ``gamma_i`` (``u`` is then
+    not read from the output), another dtype or device. The tangent coefficient arrives as the
+    gradient of ``link.probe``, which ``link.tangent`` collects."""
+    op = native_autograd.linear_rows()
+    if op is None or not x.is_cpu or x.dtype != weight.dtype:
+        return None
+    prepared = link.prepared
+    if prepared is None:  # the step did not prepare them (first step, a changed gamma...)
+        r, k, shift = _row_constants(gamma.detach(), beta.detach(), link.norms, consts)
+        nonzero = bool(gamma.all())
+    else:
+        r, k, shift, nonzero = prepared
+    if not nonzero or not native.supports(weight, gamma, k, shift, r):
+        return None
+    probe = link.probe
+    if probe is None or probe.dtype != weight.dtype or probe.shape[0] != weight.shape[0]:
+        probe = link.probe = torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                         requires_grad=True)
+    return op(x, weight, gamma, beta, probe, k, shift, r, consts[3], consts[1])
 
 
 def project_rows_(layers: list[NormPropLayer], eps: float = 1e-12) -> None:
@@ -567,8 +631,12 @@ class NormPropLinear(nn.Linear, NormPropLayer):
                     link.norms is link.next_norms and link.next_prepared_key == (
                         gamma._version, beta._version, gamma.data_ptr(), beta.data_ptr(),
                         consts)) else None
-            out = _NormPropLinearRows.apply(x if x.dim() == 2 else x.reshape(rows, -1),
-                                            weight, gamma, beta, consts, unit, link)
+            x2 = x if x.dim() == 2 else x.reshape(rows, -1)
+            out = None
+            if link is not None and link.native and link.raw:
+                out = _native_rows(x2, weight, gamma, beta, consts, link)
+            if out is None:
+                out = _NormPropLinearRows.apply(x2, weight, gamma, beta, consts, unit, link)
             if x.dim() != 2:
                 out = out.view(*x.shape[:-1], self.out_features)
             return out if relu is not None else self._activate(out)

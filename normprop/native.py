@@ -80,15 +80,16 @@ class _CompileError(OSError):
     """The compiler ran and failed (another directory would not help)."""
 
 
-def _build(compiler: list[str], flags: tuple[str, ...], target: Path) -> None:
+def _build(compiler: list[str], flags: tuple[str, ...], target: Path,
+           source: Path = _SOURCE, timeout: float = 120) -> None:
     """Compile to a temporary name next to ``target`` and rename: concurrent builders (two
     workers starting together) each write their own file, and readers only see whole ones."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([*compiler, *flags, str(_SOURCE), "-o", tmp],
-                              capture_output=True, text=True, timeout=120, check=False)
+        proc = subprocess.run([*compiler, str(source), *flags, "-o", tmp],
+                              capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
             raise _CompileError(f"{shlex.join(compiler)} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, target)

@@ -15,7 +15,14 @@ import stat
 import pytest
 import torch
 
-from normprop import build_model, native, paper_optimizer, project_weights_, train_step
+from normprop import (
+    build_model,
+    native,
+    native_autograd,
+    paper_optimizer,
+    project_weights_,
+    train_step,
+)
 from normprop.fused_sgd import ProjectedSGD, _fused_update
 
 
@@ -297,13 +304,28 @@ def test_weights_the_kernel_cannot_take_get_the_same_step_in_torch_ops(momentum,
     assert all(m.fused_link.next_norms is not None for m in opt.fused_layers)
 
 
+def _graph_nodes(fn) -> list[str]:
+    """The names of the autograd graph's nodes from ``fn`` back."""
+    seen, todo, names = set(), [fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("node", ["python", "c++"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, activation,
+def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, activation, node,
                                                                 monkeypatch) -> None:
     """Under the native backend the layer's backward runs its activation-sized part in C
-    (the ReLU mask, g k, the sums): every gradient -- input, product, gamma, beta -- and the
-    tangent coefficients equal those of the torch-op backward, step after step."""
+    (the ReLU mask, g k, the sums), from the Python autograd node or the C++ one
+    (``native_autograd``): every gradient -- input, product, gamma, beta -- and the tangent
+    coefficients equal those of the torch-op backward, step after step."""
     torch.manual_seed(0)
     nets = [build_model("mlp:16,16", 12, 3, activation=activation).to(dtype) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
@@ -314,6 +336,13 @@ def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, act
     layer_backward = native._layer_backward
     monkeypatch.setattr(native, "_layer_backward",
                         lambda *a: calls.append(1) or layer_backward(*a))
+    if node == "python":
+        monkeypatch.setattr(native_autograd, "linear_rows", lambda: None)
+    else:
+        assert native_autograd.available(), native_autograd.unavailable_reason()
+        nodes = _graph_nodes(nets[0](torch.randn(5, 12, dtype=dtype)).grad_fn)
+        assert sum("LinearRows" in name for name in nodes) == len(opts[0].fused_layers)
+        assert not any("_NormPropLinearRows" in name for name in nodes)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         x = torch.randn(5, 12, dtype=dtype, generator=g)
@@ -328,7 +357,7 @@ def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, act
             opt.step()
         for a, b in zip(*seen):
             assert torch.allclose(a, b, rtol=atol, atol=atol)
-    assert len(calls) == 3 * len(opts[0].fused_layers)
+    assert len(calls) == (3 * len(opts[0].fused_layers) if node == "python" else 0)
 
 
 def test_the_layer_backward_does_not_depend_on_the_thread_count() -> None:
