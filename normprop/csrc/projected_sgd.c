@@ -99,7 +99,10 @@ PSGD_ROWS(normprop_psgd_rows_f64, double, sqrt, 2.22507385850720138309e-308)
  *     u_i = sum_b g_bi out_bi - shift_i sum_b g_bi    = k_i (G_i . W_i)
  *     stats = [d gamma = u / gamma, tangent = u / r, d beta = inv_c1 sum_b g_bi]
  *
- * Columns are split over threads; each column's sums run over b in order in one thread. */
+ * Columns are split over threads, one block each; each column's sums run over b in order in
+ * one thread. A thread streams its block row by row (the sums stay in L1): walking narrow column
+ * chunks down the rows instead touches a new 4 KB page per row and array, which in a training
+ * step, where G and out come from memory, cost 3x the time of this order (MLP, batch 256). */
 #define PSGD_LAYER_BACKWARD(NAME, T)                                                           \
     PSGD_CLONES void NAME(const T *restrict grad, const T *restrict out, const T *restrict k,  \
                           const T *restrict shift, const T *restrict gamma,                    \
@@ -107,8 +110,8 @@ PSGD_ROWS(normprop_psgd_rows_f64, double, sqrt, 2.22507385850720138309e-308)
                           int64_t m, int has_floor, T floor, T inv_c1, int threads) {           \
         T *gsum = stats + 2 * m; /* d beta's slot holds the sum until the end */               \
         T *dot = stats; /* d gamma's slot holds sum_b g out until the end */                    \
-        const int64_t chunk = 64;                                                              \
-        const int64_t chunks = (m + chunk - 1) / chunk;                                        \
+        const int64_t chunks = threads > 1 ? threads : 1;                                      \
+        const int64_t chunk = ((m + chunks - 1) / chunks + 15) / 16 * 16;                      \
         int64_t c;                                                                             \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")      \
         for (c = 0; c < chunks; c++) {                                                         \
@@ -117,7 +120,32 @@ PSGD_ROWS(normprop_psgd_rows_f64, double, sqrt, 2.22507385850720138309e-308)
                 gsum[i] = 0;                                                                   \
                 dot[i] = 0;                                                                    \
             }                                                                                  \
-            for (int64_t b = 0; b < rows; b++) {                                               \
+            int64_t b = 0;                                                                     \
+            /* Four rows per sweep, added in row order: the same sums, a quarter of the         \
+             * accumulators' loads and stores. */                                              \
+            for (; b + 4 <= rows; b += 4) {                                                    \
+                const T *restrict g0 = grad + b * m, *restrict g1 = g0 + m;                    \
+                const T *restrict g2 = g1 + m, *restrict g3 = g2 + m;                          \
+                const T *restrict o0 = out + b * m, *restrict o1 = o0 + m;                     \
+                const T *restrict o2 = o1 + m, *restrict o3 = o2 + m;                          \
+                T *restrict z0 = gz + b * m, *restrict z1 = z0 + m;                            \
+                T *restrict z2 = z1 + m, *restrict z3 = z2 + m;                                \
+                _Pragma("omp simd")                                                            \
+                for (int64_t i = lo; i < hi; i++) {                                            \
+                    const T a0 = (has_floor && o0[i] <= floor) ? (T)0 : g0[i];                 \
+                    const T a1 = (has_floor && o1[i] <= floor) ? (T)0 : g1[i];                 \
+                    const T a2 = (has_floor && o2[i] <= floor) ? (T)0 : g2[i];                 \
+                    const T a3 = (has_floor && o3[i] <= floor) ? (T)0 : g3[i];                 \
+                    const T ki = k[i];                                                         \
+                    z0[i] = a0 * ki;                                                           \
+                    z1[i] = a1 * ki;                                                           \
+                    z2[i] = a2 * ki;                                                           \
+                    z3[i] = a3 * ki;                                                           \
+                    gsum[i] = (((gsum[i] + a0) + a1) + a2) + a3;                               \
+                    dot[i] = (((dot[i] + a0 * o0[i]) + a1 * o1[i]) + a2 * o2[i]) + a3 * o3[i]; \
+                }                                                                              \
+            }                                                                                  \
+            for (; b < rows; b++) {                                                            \
                 const T *restrict gr = grad + b * m;                                           \
                 const T *restrict orow = out + b * m;                                          \
                 T *restrict zr = gz + b * m;                                                   \
