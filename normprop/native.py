@@ -175,6 +175,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
     variants = _SERIAL if _openmp_runtime_clash() else _OPENMP + _SERIAL
+    if not _SOURCE.exists():
+        _unavailable = f"the kernel's source {_SOURCE} is not installed"
+        return None
     names = [_library_name(compiler, flags) for flags in variants]
     for name in names:
         lib = _cached(name)

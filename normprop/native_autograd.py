@@ -145,6 +145,9 @@ def _op() -> LinearRows | None:
             _unavailable = f"the native kernels are not available: {native._unavailable}"
             return None
         compiler = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+        if not _SOURCE.exists():
+            _unavailable = f"the node's source {_SOURCE} is not installed"
+            return None
         try:
             _find_or_build(compiler)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:

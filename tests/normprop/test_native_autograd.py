@@ -204,3 +204,20 @@ def test_the_node_is_built_once_then_loaded_by_new_processes(tmp_path) -> None:
     [build] = log.read_text().splitlines()  # one build, by the first process
     assert "linear_rows.cpp" in build and "-std=c++20" in build
     assert len(list((tmp_path / "cache").glob("linear_rows-*.so"))) == 1
+
+
+def test_the_paired_benchmark_runs_and_prints_every_ratio() -> None:
+    """``benchmarks/bench_vs_batchnorm.py`` at a toy size: every variant timed, every ratio
+    with its interval and verdict (the figures in docs/LIBRARY.md come from it)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks",
+                          "bench_vs_batchnorm.py")
+    proc = subprocess.run([sys.executable, script, "--batches", "4", "--rounds", "4",
+                           "--warmup", "1"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for variant in ("plain", "batchnorm", "normprop", "normprop+c++"):
+        assert f"\n  {variant} " in proc.stdout
+    ratios = [line for line in proc.stdout.splitlines() if " / " in line]
+    assert len(ratios) == 6
+    assert all(("faster" in r) or ("slower" in r) or ("not distinguishable" in r)
+               for r in ratios)
