@@ -40,9 +40,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_layers  # noqa: E402
+import bench_layers
 
-from normprop import ProjectedSGD, native_autograd, paper_optimizer  # noqa: E402
+from normprop import ProjectedSGD, native_autograd, paper_optimizer
 
 PAIRS = (("batchnorm", "plain"), ("normprop", "plain"), ("normprop+c++", "plain"),
          ("normprop", "batchnorm"), ("normprop+c++", "batchnorm"),

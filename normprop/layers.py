@@ -168,7 +168,7 @@ class StepLink:
         norms: ``||W_i||`` as the last training forward read them (the step needs them).
         consts, prepared: see ``__init__``.
         tangent: ``k_i (G_i . W_i) / r_i``, summed over the backwards since the last step.
-        probe: the C++ node's route for ``tangent`` (see :meth:`collect_tangent`).
+        probe: the C++ node's route for ``tangent``: its gradient (see the ``tangent`` property).
         owner: a weak reference to the optimiser: once it is gone the layer goes back to the
             plain backward by itself (``weight.grad`` is the gradient again), as after
             :meth:`~normprop.fused_sgd.ProjectedSGD.detach`.

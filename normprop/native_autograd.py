@@ -1,4 +1,6 @@
-"""``NormPropLinear``'s autograd node in C++ for ProjectedSGD's native backend (``csrc/linear_rows.cpp``).
+"""``NormPropLinear``'s autograd node in C++ under ProjectedSGD's native backend.
+
+The source is ``csrc/linear_rows.cpp``.
 
 Why C++: at the sizes the benchmarks and the online worker run, a NormProp layer's step is its
 matmuls plus host time, and a Python ``autograd.Function`` is the dearest host time there is.

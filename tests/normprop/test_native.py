@@ -304,19 +304,6 @@ def test_weights_the_kernel_cannot_take_get_the_same_step_in_torch_ops(momentum,
     assert all(m.fused_link.next_norms is not None for m in opt.fused_layers)
 
 
-def _graph_nodes(fn) -> list[str]:
-    """The names of the autograd graph's nodes from ``fn`` back."""
-    seen, todo, names = set(), [fn], []
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(fn.name())
-        todo.extend(next_fn for next_fn, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("node", ["python", "c++"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
@@ -340,9 +327,9 @@ def test_the_native_layer_backward_gives_the_torch_op_gradients(dtype, atol, act
         monkeypatch.setattr(native_autograd, "linear_rows", lambda: None)
     else:
         assert native_autograd.available(), native_autograd.unavailable_reason()
-        nodes = _graph_nodes(nets[0](torch.randn(5, 12, dtype=dtype)).grad_fn)
-        assert sum("LinearRows" in name for name in nodes) == len(opts[0].fused_layers)
-        assert not any("_NormPropLinearRows" in name for name in nodes)
+        # The output layer's node (tests/normprop/test_native_autograd.py checks every layer's).
+        out = nets[0](torch.randn(5, 12, dtype=dtype))
+        assert out.grad_fn.name().startswith("torch::autograd::CppNode")
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         x = torch.randn(5, 12, dtype=dtype, generator=g)
