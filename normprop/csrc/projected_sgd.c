@@ -102,7 +102,7 @@ PSGD_ROWS(normprop_psgd_rows_f64, double, sqrt, 2.22507385850720138309e-308)
  * Columns are split over threads, one block each; each column's sums run over b in order in
  * one thread. A thread streams its block row by row (the sums stay in L1): walking narrow column
  * chunks down the rows instead touches a new 4 KB page per row and array, which in a training
- * step, where G and out come from memory, cost 3x the time of this order (MLP, batch 256). */
+ * step, where G and out come from memory, cost about twice this order's time (MLP, batch 256). */
 #define PSGD_LAYER_BACKWARD(NAME, T)                                                           \
     PSGD_CLONES void NAME(const T *restrict grad, const T *restrict out, const T *restrict k,  \
                           const T *restrict shift, const T *restrict gamma,                    \
