@@ -36,7 +36,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -122,26 +124,33 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _cached(name: str) -> ctypes.CDLL | None:
+_Library = TypeVar("_Library")
+
+
+def _cached(name: str, opener: Callable[[Path], _Library] = _open) -> _Library | None:
     """A library built earlier (by this machine, or shipped in an image's cache directory:
-    then no compiler is needed)."""
+    then no compiler is needed), opened by ``opener``."""
     for directory in (_cache_dir, _private_tmp_dir):
         try:
             path = directory() / name
             if path.exists():
-                return _open(path)
+                return opener(path)
         except OSError:
             continue
     return None
 
 
-def _build_and_open(compiler: list[str], flags: tuple[str, ...], name: str) -> ctypes.CDLL:
+def _build_and_open(compiler: list[str], flags: tuple[str, ...], name: str,
+                    opener: Callable[[Path], _Library] = _open, source: Path = _SOURCE,
+                    timeout: float = 120) -> _Library:
+    """Build ``source`` into the cache directory (the private temp dir if that fails), then
+    open it with ``opener``."""
     errors = []
     for directory in (_cache_dir, _private_tmp_dir):
         try:
             target = directory() / name
-            _build(compiler, flags, target)
-            return _open(target)
+            _build(compiler, flags, target, source=source, timeout=timeout)
+            return opener(target)
         except _CompileError:
             raise
         except (OSError, subprocess.SubprocessError) as exc:  # unwritable directory, timeout

@@ -92,44 +92,27 @@ def _registered() -> bool:
         return False
 
 
-def _load(path: Path) -> None:
+def _load(path: Path) -> bool:
     if not _registered():
         torch.ops.load_library(str(path))
         if not _registered():
             raise OSError(f"{path}: no normprop_native op of ABI {_ABI}")
+    return True
 
 
 def _find_or_build(compiler: list[str]) -> None:
     flags = _flags()
     name = _library_name(compiler, flags)
-    for directory in (native._cache_dir, native._private_tmp_dir):
-        try:
-            path = directory() / name
-            if path.exists():
-                _load(path)
-                return
-        except OSError:
-            continue
+    if native._cached(name, opener=_load):
+        return
     if shutil.which(compiler[0]) is None:
         raise FileNotFoundError(f"no C++ compiler ({shlex.join(compiler)!r} not found; set CXX)")
     if not (_torch_dir() / "include" / "torch" / "library.h").exists():
         raise FileNotFoundError("this torch install has no C++ headers")
-    errors = []
-    for directory in (native._cache_dir, native._private_tmp_dir):
-        try:
-            path = directory() / name
-            start = time.monotonic()
-            log.info("building NormPropLinear's C++ autograd node into %s (once per machine "
-                     "and torch build)", path.parent)
-            native._build(compiler, flags, path, source=_SOURCE, timeout=600)
-            log.info("built in %.1f s", time.monotonic() - start)
-            _load(path)
-            return
-        except native._CompileError:
-            raise
-        except (OSError, subprocess.SubprocessError) as exc:
-            errors.append(str(exc))
-    raise OSError("; ".join(errors))
+    start = time.monotonic()
+    log.info("building NormPropLinear's C++ autograd node (once per machine and torch build)")
+    native._build_and_open(compiler, flags, name, opener=_load, source=_SOURCE, timeout=600)
+    log.info("built in %.1f s", time.monotonic() - start)
 
 
 @functools.cache
